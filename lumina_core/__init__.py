@@ -1,0 +1,27 @@
+"""Lumina-mGPT 2.0 core library: model, MoVQGAN, token grammar, sampler, pipeline. Never imports ComfyUI."""
+from __future__ import annotations
+
+import importlib
+
+# Public names, imported lazily so that `import lumina_core` (and ComfyUI start-up) stays cheap.
+_PUBLIC = {
+    "ModelConfig": "config",
+    "build_transformer": "model",
+    "load_transformer": "model",
+    "KVCache": "model",
+    "load_movqgan": "movqgan",
+    "MoVQGAN": "movqgan",
+    "TokenLayout": "tokens",
+    "Request": "request",
+    "SamplingConfig": "sampling",
+    "LuminaPipeline": "pipeline",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
