@@ -1,0 +1,344 @@
+"""The Lumina-mGPT 2.0 decoder (Chameleon-style, official parameter names) and its static KV cache."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+# Keys the official training code may leave in a checkpoint that inference never uses
+# (Chameleon's own VQ encoder; deleted before the release was saved).
+IGNORED_CHECKPOINT_PREFIXES = ("model.vqmodel.",)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back to the input dtype before the weight (as the official code)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """Per-head LayerNorm of q/k (eps 1e-5, no affine inside), then weight and bias shared by head groups."""
+
+    def __init__(self, num_heads: int, head_dim: int, model_parallel_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.weight = nn.Parameter(torch.ones(model_parallel_size, head_dim))
+        self.bias = nn.Parameter(torch.zeros(model_parallel_size, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., heads, D]
+        x = F.layer_norm(x, x.shape[-1:], None, None, eps=1e-5)
+        repeat = self.num_heads // self.weight.shape[0]
+        return x * self.weight.repeat_interleave(repeat, dim=0) + self.bias.repeat_interleave(repeat, dim=0)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, L, D] for split-halves RoPE, computed in float32 and cast to the activation dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, L, D] with the "rotate_half" convention (halves, not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Static key/value cache: preallocated for the whole request, one write pointer per row.
+
+    `lengths[b]` is how many positions of row b are filled. A forward pass of n new tokens writes
+    them at lengths[b] .. lengths[b]+n-1 and advances the pointer; `rollback` moves it back (SJD
+    rejects the tail of a window that way: nothing is copied). `key_valid` marks left padding so
+    rows of different prompt lengths share one batch.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @staticmethod
+    def nbytes_for(config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        """Bytes the K and V tensors of a cache of this size take."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * batch_size * config.num_key_value_heads * max_len * config.head_dim * element
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K and V tensors."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def rollback(self, counts: torch.Tensor | int) -> None:
+        """Forget the last `counts` positions of each row (a tensor [B] or one int for all rows)."""
+        self.lengths = self.lengths - counts
+
+    def release(self) -> None:
+        """Drop the tensors so their memory can be reused (after cancel or at the end of a request)."""
+        self.k, self.v = [], []
+        self.key_valid = self.key_valid[:, :0]
+        self.max_len = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, d = config.num_attention_heads, config.head_dim
+        kv = config.num_key_value_heads
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = HeadLayerNorm(h, d, config.model_parallel_size)
+        self.k_norm = HeadLayerNorm(kv, d, config.model_parallel_size)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, write_pos):
+        b, n, _ = x.shape
+        h, kv, d = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, n, h, d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, n, kv, d)).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, kv, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            rows = torch.arange(b, device=x.device)[:, None]
+            # Advanced indices around a slice put the indexed dims first: [B, n, heads, D].
+            cache.k[layer][rows, :, write_pos] = k.transpose(1, 2)
+            cache.v[layer][rows, :, write_pos] = v.transpose(1, 2)
+            kv_len = mask.shape[-1]
+            k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)  # residual dropout, active only in training
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, write_pos))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Backbone(nn.Module):
+    """`model.*` of the official checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LuminaTransformer(nn.Module):
+    """Decoder-only transformer with the official names: `model.embed_tokens`, `model.layers.i.*`, `model.norm`, `lm_head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                num_logits: int | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """Float32 logits [B, L, vocab] (only the last `num_logits` positions when given)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, kv_len)
+        if num_logits is not None:
+            hidden = hidden[:, -num_logits:]
+        return self.lm_head(hidden).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      kv_len: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, L, hidden] (what lm_head reads); see `forward` for the arguments.
+
+        Without a cache: a full causal pass; `attention_mask` [B, L] (1 = real token, 0 = padding).
+        With a cache: `input_ids` are new tokens written at each row's pointer; `attention_mask` [B, L]
+        marks which of them are real; keys are read up to `kv_len` (default: the longest filled row),
+        so a caller can keep that length fixed for static shapes.
+        """
+        b, n = input_ids.shape
+        device = input_ids.device
+        x = self.model.embed_tokens(input_ids)
+        write_pos = None
+        if cache is None:
+            if position_ids is None:
+                position_ids = torch.arange(n, device=device).expand(b, n)
+            mask = _causal_mask(n, n, torch.zeros(b, dtype=torch.long, device=device), attention_mask, x.dtype)
+        else:
+            start = cache.lengths
+            write_pos = start[:, None] + torch.arange(n, device=device)
+            if kv_len is None:
+                kv_len = int(start.max()) + n
+            if kv_len > cache.max_len:
+                raise ValueError(f"the request needs {kv_len} positions but the KV cache holds {cache.max_len}")
+            if position_ids is None:
+                position_ids = write_pos
+            valid = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+            cache.key_valid[torch.arange(b, device=device)[:, None], write_pos] = valid
+            mask = _causal_mask(n, kv_len, start, cache.key_valid[:, :kv_len], x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, write_pos)
+        if cache is not None:
+            cache.lengths = cache.lengths + n
+        return self.model.norm(x)
+
+
+def _causal_mask(n: int, kv_len: int, start: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, n, kv_len]: query i of row b sees key j when j <= start[b] + i and key j is valid.
+
+    The dtype minimum (not -inf) keeps fully masked rows (padding queries) finite, as the official code does.
+    """
+    device = start.device
+    j = torch.arange(kv_len, device=device)
+    i = torch.arange(n, device=device)
+    allowed = j[None, None, :] <= (start[:, None, None] + i[None, :, None])
+    if key_valid is not None:
+        allowed = allowed & key_valid.bool()[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def init_weights(model: LuminaTransformer) -> None:
+    """Initialise a freshly built model for training from scratch (normal(0, initializer_range) linears/embeddings)."""
+    std = model.config.initializer_range
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (RMSNorm, HeadLayerNorm)):
+            nn.init.ones_(module.weight)
+            if isinstance(module, HeadLayerNorm):
+                nn.init.zeros_(module.bias)
+
+
+def build_transformer(config: ModelConfig) -> LuminaTransformer:
+    """Build the transformer; under `torch.device("meta")` this allocates nothing."""
+    model = LuminaTransformer(config)
+    if next(model.parameters()).device.type != "meta":
+        init_weights(model)
+    return model
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of an official checkpoint folder (single file or shards named by the index)."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index.name} in {folder} names shards that are not there: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected model.safetensors, or model-0000N-of-0000M.safetensors shards "
+        "with model.safetensors.index.json (the layout of Alpha-VLLM/Lumina-mGPT-2.0)")
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                     device: torch.device | str = "cpu") -> LuminaTransformer:
+    """Load an official HF-format checkpoint folder (or a known repo id) strictly, straight onto `device`."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from .hub import resolve_model  # names like "Alpha-VLLM/Lumina-mGPT-2.0" or a models-folder entry
+        folder = Path(resolve_model(str(path)))
+    config = ModelConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = build_transformer(config)
+    expected = dict(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in checkpoint_files(folder):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read {file}: {e} (the file is truncated or not a safetensors file)") from e
+        with handle:
+            for name in handle.keys():
+                if name.startswith(IGNORED_CHECKPOINT_PREFIXES):
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                tensor = handle.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(expected[name].shape)}")
+                # One tensor at a time: from the mmap'd file to its final device and dtype.
+                _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint in {folder} does not match its config.json: "
+            f"{len(missing)} missing keys {_preview(missing)}, {len(unexpected)} unexpected keys {_preview(unexpected)}")
+    return model.eval()
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    if not names:
+        return "[]"
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(math.prod(p.shape) for p in model.parameters())
