@@ -1,0 +1,79 @@
+"""Tiny checkpoints in the official formats (config.json + safetensors + tokenizer + MoVQGAN .ckpt).
+
+Tests, benchmarks and the ComfyUI smoke runs need a model that loads through exactly the code path
+of the released weights, without 17 GB of downloads: this writes one with random weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import build_transformer
+
+TINY_MOVQGAN_FILE = "movqgan.ckpt"
+
+
+def save_transformer(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write config.json and a single model.safetensors (official layout) atomically into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _atomic_write(folder / "config.json", json.dumps(config, indent=2))
+    return folder
+
+
+def write_tiny_checkpoint(folder: str | Path, *, words: str | list[str] = (), num_image_codes: int = 64,
+                          hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
+                          intermediate_size: int = 64, max_grids: int = 16, movq_ch: int = 32,
+                          seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.5) -> Path:
+    """Write a random tiny Lumina-mGPT-format model folder (transformer, tokenizer, MoVQGAN) and return it.
+
+    `init_std` is larger than training's 0.02 so that random logits are far from uniform and
+    sampling tests see a peaked, position-dependent distribution.
+    """
+    from .movqgan import MoVQConfig, MoVQGAN, save_movqgan
+    from .tokens import build_tokenizer
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder, words=words, num_image_codes=num_image_codes, max_grids=max_grids)
+    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         initializer_range=init_std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_transformer(config)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.bias"):  # qk-norm biases: small, so every head is not the same
+                torch.nn.init.normal_(p, std=0.1)
+        movq = MoVQGAN(MoVQConfig(ch=movq_ch, ch_mult=(1, 2, 2, 4), num_res_blocks=1, n_embed=num_image_codes))
+    save_transformer(model, folder, dtype=dtype)
+    save_movqgan(movq, folder / TINY_MOVQGAN_FILE)
+    return folder
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
