@@ -1,0 +1,395 @@
+"""Text tokenizer, special-token layout and the image-token grammar of Lumina-mGPT 2.0.
+
+Every special id is looked up by its token STRING in the checkpoint's tokenizer (reference
+section b); no id such as 151665 is written as a literal anywhere in the package.
+
+Image grammar (reference section c): ``<racm3:break> <H> <W> row_0 <nl> row_1 <nl> ... <eoss>``
+where H and W are size tokens ``<reserved{8800+n:05d}>`` counting 32-px grids (height first),
+every row holds ``4 * W_grids`` image tokens (code + offset) and every row, the last included,
+ends with the new-line token ``<reserved08799>``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Token strings of the official release (reference section b).
+IMAGE_START = "<racm3:break>"
+IMAGE_END = "<eoss>"
+NEW_LINE = "<reserved08799>"
+SEPARATOR = "<reserved08706>"
+# Declared by the official item processor between <eoss> and the new line; unused at inference,
+# but kept in the tiny tokenizer so the relative order of ids matches the release.
+UNUSED_SEPARATORS = ("<reserved08796>", "<reserved08797>", "<reserved08798>")
+IMAGE_TOKEN_PREFIX = "<MOVQGAN"
+SIZE_TOKEN_BASE = 8800
+# The size-token string keeps 4 digits before '>', so n = 1..1199 are the representable grids.
+MAX_SIZE_GRIDS = 1199
+GRID_PIXELS = 32          # one size-token unit
+LATENT_PER_GRID = 4       # MoVQGAN downsamples by 8: 32 px grid = 4 latent rows/cols
+PIXELS_PER_CODE = 8
+
+# Fallback used only when neither the tokenizer nor config.json names the image tokens and the
+# tokenizer is the official one (image start at the documented id): reference section b.
+_OFFICIAL_IMAGE_START_ID = 151665
+_OFFICIAL_CODE_OFFSET = 155000
+_OFFICIAL_NUM_CODES = 16384
+
+_SIZE_TOKEN_RE = re.compile(r"^<reserved(\d{5})>$")
+
+
+class TokenGrammarError(ValueError):
+    """A token sequence or code grid does not follow the Lumina image-token grammar."""
+
+
+def size_token_string(n_grids: int) -> str:
+    """Return the size-token string for ``n_grids`` 32-px grid units."""
+    if not 1 <= n_grids <= MAX_SIZE_GRIDS:
+        raise ValueError(f"grid count {n_grids} is outside the representable range 1..{MAX_SIZE_GRIDS}")
+    return f"<reserved{SIZE_TOKEN_BASE + n_grids:05d}>"
+
+
+def image_code_token_string(code: int) -> str:
+    """Return the token string our tiny tokenizers use for MoVQGAN code ``code``."""
+    return f"{IMAGE_TOKEN_PREFIX}_{code:05d}>"
+
+
+def load_text_tokenizer(folder: str | os.PathLike) -> Any:
+    """Load the checkpoint's text tokenizer with transformers (AutoTokenizer, fast)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer in {folder}: expected tokenizer.json and tokenizer_config.json "
+            "(they ship with Alpha-VLLM/Lumina-mGPT-2.0)"
+        )
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _token_id(vocab: Mapping[str, int], token: str, what: str) -> int:
+    if token not in vocab:
+        raise KeyError(f"the tokenizer has no {what} token {token!r}; is this a Lumina-mGPT 2.0 tokenizer?")
+    return int(vocab[token])
+
+
+def _image_code_range(vocab: Mapping[str, int], vocabulary_map: Mapping[str, int] | None,
+                      image_start_id: int) -> tuple[int, int]:
+    """Find (offset, count) of the image-code tokens: tokenizer first, then config.json's map."""
+    for source_name, source in (("tokenizer", vocab), ("config.json vocabulary_map", vocabulary_map or {})):
+        ids = sorted(int(i) for s, i in source.items() if s.startswith(IMAGE_TOKEN_PREFIX))
+        if not ids:
+            continue
+        offset, count = ids[0], len(ids)
+        if ids[-1] - offset + 1 != count:
+            raise ValueError(
+                f"image-code tokens in the {source_name} are not contiguous: {count} tokens "
+                f"named {IMAGE_TOKEN_PREFIX}... span ids {offset}..{ids[-1]}"
+            )
+        return offset, count
+    if image_start_id == _OFFICIAL_IMAGE_START_ID:
+        logger.warning(
+            "no %s... tokens in the tokenizer or vocabulary_map; using the documented official "
+            "image-code range %d..%d", IMAGE_TOKEN_PREFIX, _OFFICIAL_CODE_OFFSET,
+            _OFFICIAL_CODE_OFFSET + _OFFICIAL_NUM_CODES - 1,
+        )
+        return _OFFICIAL_CODE_OFFSET, _OFFICIAL_NUM_CODES
+    raise ValueError(
+        f"cannot locate the image-code tokens: no token named {IMAGE_TOKEN_PREFIX}... in the tokenizer "
+        "or in config.json's vocabulary_map, and the tokenizer is not the official one"
+    )
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Every special id the sampler and the grammar need, resolved from token strings."""
+
+    bos: int
+    separator: int
+    image_start: int
+    image_end: int
+    new_line: int
+    image_code_offset: int
+    num_image_codes: int
+    size_token_ids: Mapping[int, int] = field(repr=False)  # n_grids -> id
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, vocabulary_map: Mapping[str, int] | None = None) -> "TokenLayout":
+        """Resolve the layout from a transformers tokenizer (and optionally config.json's vocabulary_map)."""
+        vocab = tokenizer.get_vocab()
+        # BOS rule of the official tokenizer wrapper: bos_token_id, else eos_token_id (Qwen2.5 has no BOS).
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if bos is None:
+            raise ValueError("the tokenizer defines neither a BOS nor an EOS token; cannot build the prompt prefix")
+        image_start = _token_id(vocab, IMAGE_START, "image-start")
+        offset, count = _image_code_range(vocab, vocabulary_map, image_start)
+        size_ids = {}
+        for n in range(1, MAX_SIZE_GRIDS + 1):
+            token_id = vocab.get(size_token_string(n))
+            if token_id is not None:
+                size_ids[n] = int(token_id)
+        if not size_ids:
+            raise KeyError(f"the tokenizer has no size tokens ({size_token_string(1)} ...)")
+        return cls(
+            bos=int(bos),
+            separator=_token_id(vocab, SEPARATOR, "separator"),
+            image_start=image_start,
+            image_end=_token_id(vocab, IMAGE_END, "image-end"),
+            new_line=_token_id(vocab, NEW_LINE, "new-line"),
+            image_code_offset=offset,
+            num_image_codes=count,
+            size_token_ids=dict(size_ids),
+        )
+
+    @property
+    def max_grids(self) -> int:
+        """Largest grid count that has a size token."""
+        return max(self.size_token_ids)
+
+    def size_token(self, n_grids: int) -> int:
+        """Id of the size token for ``n_grids`` 32-px grid units."""
+        try:
+            return self.size_token_ids[n_grids]
+        except KeyError:
+            raise ValueError(
+                f"no size token for {n_grids} grids ({n_grids * GRID_PIXELS} px); this tokenizer has "
+                f"size tokens for {min(self.size_token_ids)}..{self.max_grids} grids"
+            ) from None
+
+    def grid_count(self, size_token_id: int) -> int:
+        """Grid count encoded by a size-token id (raises for any other id)."""
+        for n, token_id in self.size_token_ids.items():
+            if token_id == size_token_id:
+                return n
+        raise ValueError(f"id {size_token_id} is not a size token")
+
+    def is_image_code(self, token_id: int) -> bool:
+        """True when ``token_id`` encodes a MoVQGAN code."""
+        return self.image_code_offset <= token_id < self.image_code_offset + self.num_image_codes
+
+
+def prompt_ids(tokenizer: Any, layout: TokenLayout, text: str) -> list[int]:
+    """Official prompt encoding: BOS + text (no special tokens, no chat template) + separator."""
+    return [layout.bos, *tokenizer.encode(text, add_special_tokens=False), layout.separator]
+
+
+def image_token_count(width: int, height: int) -> int:
+    """Tokens of one whole image in the grammar: start, H, W, rows with new lines, end."""
+    rows, cols = height // PIXELS_PER_CODE, width // PIXELS_PER_CODE
+    return 3 + rows * (cols + 1) + 1
+
+
+def _grid_of(latent: int, what: str) -> int:
+    if latent <= 0 or latent % LATENT_PER_GRID:
+        raise ValueError(f"{what} of {latent} latent codes is not a positive multiple of {LATENT_PER_GRID} "
+                         f"(one {GRID_PIXELS}-px grid)")
+    return latent // LATENT_PER_GRID
+
+
+def _row_ids(layout: TokenLayout, codes: torch.Tensor) -> list[int]:
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= layout.num_image_codes):
+        raise ValueError(f"codes must lie in 0..{layout.num_image_codes - 1}, "
+                         f"got {int(codes.min())}..{int(codes.max())}")
+    ids: list[int] = []
+    for row in (codes.to(torch.long) + layout.image_code_offset).tolist():
+        ids.extend(row)
+        ids.append(layout.new_line)
+    return ids
+
+
+def image_ids(layout: TokenLayout, codes: torch.Tensor, close: bool = True) -> list[int]:
+    """Id sequence of a code grid [h, w]: start, H, W, rows each + new line, end (if ``close``)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D grid [rows, cols], got shape {tuple(codes.shape)}")
+    h_grids = _grid_of(codes.shape[0], "height")
+    w_grids = _grid_of(codes.shape[1], "width")
+    ids = [layout.image_start, layout.size_token(h_grids), layout.size_token(w_grids), *_row_ids(layout, codes)]
+    if close:
+        ids.append(layout.image_end)
+    return ids
+
+
+def dual_panel_prefix_ids(layout: TokenLayout, upper_codes: torch.Tensor) -> list[int]:
+    """I2I prefix: start, size tokens of the FULL dual image (2x height), the reference rows, no end."""
+    if upper_codes.dim() != 2:
+        raise ValueError(f"upper_codes must be a 2-D grid [rows, cols], got shape {tuple(upper_codes.shape)}")
+    h_grids = _grid_of(upper_codes.shape[0], "reference height")
+    w_grids = _grid_of(upper_codes.shape[1], "width")
+    return [layout.image_start, layout.size_token(2 * h_grids), layout.size_token(w_grids),
+            *_row_ids(layout, upper_codes)]
+
+
+def _describe(layout: TokenLayout, token_id: int) -> str:
+    names = {layout.image_start: "image start", layout.image_end: "image end",
+             layout.new_line: "new line", layout.separator: "separator", layout.bos: "BOS"}
+    if token_id in names:
+        return f"{token_id} ({names[token_id]})"
+    if layout.is_image_code(token_id):
+        return f"{token_id} (image code {token_id - layout.image_code_offset})"
+    return str(token_id)
+
+
+def codes_from_ids(layout: TokenLayout, ids: Sequence[int] | torch.Tensor, require_end: bool = True) -> torch.LongTensor:
+    """Parse one image's id sequence (starting at the image start) into its code grid [h, w].
+
+    Validates the whole grammar; errors name what is wrong and the position in ``ids``.
+    With ``require_end=False`` a sequence that stops early (no end token) returns the complete
+    rows only, e.g. for previews of an unfinished image.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise TokenGrammarError(f"expected a 1-D id sequence, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    ids = [int(i) for i in ids]
+    if not ids or ids[0] != layout.image_start:
+        got = _describe(layout, ids[0]) if ids else "an empty sequence"
+        raise TokenGrammarError(f"missing image start at position 0: expected {layout.image_start}, got {got}")
+    if len(ids) < 3:
+        raise TokenGrammarError(f"sequence ends at position {len(ids)} before the height and width size tokens")
+    grids = []
+    for pos, what in ((1, "height"), (2, "width")):
+        try:
+            grids.append(layout.grid_count(ids[pos]))
+        except ValueError:
+            raise TokenGrammarError(
+                f"unknown {what} size token at position {pos}: {_describe(layout, ids[pos])} is not a size token"
+            ) from None
+    rows, cols = grids[0] * LATENT_PER_GRID, grids[1] * LATENT_PER_GRID
+    body_start, row_len = 3, cols + 1
+    codes: list[list[int]] = []
+    for r in range(rows):
+        row_pos = body_start + r * row_len
+        row = ids[row_pos:row_pos + row_len]
+        for c, token_id in enumerate(row[:cols]):
+            if not layout.is_image_code(token_id):
+                what = "row too short" if token_id in (layout.new_line, layout.image_end) else "non-image id"
+                raise TokenGrammarError(
+                    f"{what} at position {row_pos + c} (row {r}, column {c}): expected an image code "
+                    f"({cols} per row), got {_describe(layout, token_id)}"
+                )
+        if len(row) < row_len:
+            if require_end:
+                raise TokenGrammarError(
+                    f"sequence ends at position {len(ids)} inside row {r} of {rows} ({len(row)} of {row_len} "
+                    "tokens incl. the new line); missing image end"
+                )
+            break
+        if row[cols] != layout.new_line:
+            what = "row too long" if layout.is_image_code(row[cols]) else "missing new line"
+            raise TokenGrammarError(
+                f"{what} at position {row_pos + cols} (end of row {r}): expected the new line "
+                f"{layout.new_line}, got {_describe(layout, row[cols])}"
+            )
+        codes.append([t - layout.image_code_offset for t in row[:cols]])
+    end_pos = body_start + rows * row_len
+    if len(codes) == rows:
+        if end_pos >= len(ids):
+            if require_end:
+                raise TokenGrammarError(f"missing image end at position {end_pos}: sequence ends after the last row")
+        elif ids[end_pos] != layout.image_end:
+            raise TokenGrammarError(f"missing image end at position {end_pos}: expected {layout.image_end}, "
+                                    f"got {_describe(layout, ids[end_pos])}")
+        elif end_pos + 1 != len(ids):
+            raise TokenGrammarError(f"{len(ids) - end_pos - 1} unexpected tokens after the image end "
+                                    f"(position {end_pos + 1} on)")
+    return torch.tensor(codes, dtype=torch.long).reshape(len(codes), cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny real tokenizers (tests, the tiny-checkpoint helper, the embedded demo model)
+
+_BASE_CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,:;!?'\"()-<>_/×")
+_WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]", re.IGNORECASE)
+
+
+def _template_words() -> list[str]:
+    from .tasks import TASKS  # local import: tasks does not depend on tokens
+
+    words: list[str] = []
+    for spec in TASKS.values():
+        for template in spec.templates.values():
+            words.extend(_WORD_RE.findall(template))
+    return words
+
+
+def build_tokenizer(folder: str | os.PathLike, words: Iterable[str] | str = (), num_image_codes: int = 16384,
+                    max_grids: int = 64) -> Any:
+    """Write a tiny real tokenizer (tokenizer.json + tokenizer_config.json) and return it loaded.
+
+    A word-level model over ``words`` (a list of words or a plain-text corpus), every word of the
+    task templates, single letters, digits and punctuation; unknown words map to ``<unk>``.
+    Specials follow the official relative order: text, ``<|endoftext|>``, image start, image end,
+    three unused separators, new line, separator, size tokens 1..``max_grids``, then
+    ``num_image_codes`` image tokens ``<MOVQGAN_xxxxx>``. BOS follows the Qwen2.5 rule (no BOS,
+    EOS = ``<|endoftext|>``).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if isinstance(words, str):
+        words = _WORD_RE.findall(words)
+    vocab: dict[str, int] = {"<unk>": 0}
+    for word in [*_BASE_CHARACTERS, *_template_words(), *words]:
+        for piece in _WORD_RE.findall(word.lower()):
+            vocab.setdefault(piece, len(vocab))
+    specials = ["<|endoftext|>", IMAGE_START, IMAGE_END, *UNUSED_SEPARATORS, NEW_LINE, SEPARATOR,
+                *(size_token_string(n) for n in range(1, max_grids + 1))]
+    image_tokens = [image_code_token_string(c) for c in range(num_image_codes)]
+    for token in [*specials, *image_tokens]:
+        vocab[token] = len(vocab)
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # Words, single digits (so "768x768" tokenises) and single punctuation marks.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(pattern=_tokenizers_regex(), behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", *specials]])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in image_tokens])
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+    }
+    _atomic_write_text(folder / "tokenizer.json", tok.to_str())
+    _atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+    return load_text_tokenizer(folder)
+
+
+def _tokenizers_regex() -> Any:
+    from tokenizers import Regex
+
+    return Regex(r"[a-z]+|[0-9]|[^\sa-z0-9]")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
