@@ -121,7 +121,7 @@ class TokenLayout:
     new_line: int
     image_code_offset: int
     num_image_codes: int
-    size_token_ids: Mapping[int, int] = field(repr=False)  # n_grids -> id
+    size_token_ids: Mapping[int, int] = field(repr=False, hash=False)  # n_grids -> id
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocabulary_map: Mapping[str, int] | None = None) -> "TokenLayout":

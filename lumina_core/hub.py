@@ -1,0 +1,229 @@
+"""Finding weights: a local folder, a folder in the caller's search dirs, or a Hugging Face download.
+
+Never imports ComfyUI: the node layer passes ComfyUI's ``models/lumina_mgpt2`` folders as
+``search_dirs``. Names coming from workflows are untrusted; ``safe_model_name`` keeps them inside
+the search dirs, and callers that handle untrusted input pass ``allow_paths=False``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_MODEL_REPOS = ("Alpha-VLLM/Lumina-mGPT-2.0", "Alpha-VLLM/Lumina-mGPT-2.0-Omni")
+MOVQGAN_REPO = "ai-forever/MoVQGAN"
+MOVQGAN_FILE = "movqgan_270M.ckpt"
+# Files fetched from a model repo (no code, no optimizer state).
+MODEL_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+MODEL_FILES_HELP = ("config.json, model.safetensors (or model-0000N-of-0000M.safetensors shards with "
+                    "model.safetensors.index.json), tokenizer.json, tokenizer_config.json")
+
+# One or two path segments of safe characters ("name" or "owner/name"), each starting alphanumeric.
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+_NAME_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})?$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Weights could not be found or fetched; the message lists where we looked and what to place there."""
+
+
+def safe_model_name(name: str) -> str:
+    """Validate a model name from untrusted input ("name" or "owner/name"); it can never leave its folder."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {type(name).__name__}")
+    cleaned = name.strip()
+    if not _NAME_RE.match(cleaned) or any(part in (".", "..") or part.endswith(".") for part in cleaned.split("/")):
+        raise ValueError(
+            f"unsafe or invalid model name {name!r}: use 'name' or 'owner/name' made of letters, digits, "
+            "'.', '_' and '-' (no absolute paths, no '..', no backslashes)"
+        )
+    return cleaned
+
+
+def is_repo_id(name: str) -> bool:
+    """True for a safe Hugging Face repo id of the form owner/name."""
+    try:
+        return "/" in safe_model_name(name)
+    except ValueError:
+        return False
+
+
+def _folder_name(name: str) -> str:
+    """Local folder name for a model: the repo's base name for 'owner/name', else the name."""
+    return name.split("/")[-1]
+
+
+def _offline() -> bool:
+    import huggingface_hub.constants as hub_constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return env in ("1", "true", "yes", "on") or bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def missing_model_files(folder: str | os.PathLike) -> list[str]:
+    """Files a model folder still lacks (empty list = complete)."""
+    folder = Path(folder)
+    missing = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            return [*missing, f"model.safetensors.index.json (unreadable: {exc})"]
+        missing += [s for s in shards if not (folder / s).is_file()]
+    elif not (folder / "model.safetensors").is_file():
+        missing.append("model.safetensors (or sharded model-*.safetensors + model.safetensors.index.json)")
+    return missing
+
+
+def _candidate_dirs(name: str, search_dirs: Sequence[Path]) -> list[Path]:
+    folder = _folder_name(name)
+    out = []
+    for base in search_dirs:
+        out.append(base / folder)
+        if "/" in name:
+            out.append(base / name)  # models/lumina_mgpt2/Alpha-VLLM/Lumina-mGPT-2.0 also works
+    return out
+
+
+def _not_found(what: str, name: str, searched: Iterable[Path], files: str, reason: str, target: Path | None,
+               download_hint: str) -> ModelNotFoundError:
+    lines = [f"{what} {name!r} not found ({reason})."]
+    searched = list(searched)
+    if searched:
+        lines.append("Searched:")
+        lines += [f"  {p}" for p in searched]
+    if target is not None:
+        lines.append(f"Place these files in {target}: {files}")
+    else:
+        lines.append(f"Place these files in a folder and pass its path: {files}")
+    lines.append(download_hint)
+    return ModelNotFoundError("\n".join(lines))
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, search_dirs: Sequence[str | os.PathLike] = (),
+                  auto_download: bool = False, allow_paths: bool = True, tqdm_class: Any = None,
+                  cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of a transformer checkpoint: local path, ``<search_dir>/<name>``, or HF download.
+
+    ``allow_paths=False`` (untrusted input, e.g. ComfyUI workflows) accepts only safe names.
+    Downloads go to ``<search_dirs[0]>/<name>`` when search dirs are given, else the HF cache.
+    """
+    dirs = [Path(d) for d in search_dirs]
+    raw = os.fspath(name_or_path)
+    searched: list[Path] = []
+    if allow_paths:
+        path = Path(raw).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            return _checked_model_folder(path)
+        if not _NAME_RE.match(raw.strip()):  # a path, not a name
+            if path.is_dir():
+                raise ModelNotFoundError(f"{path} is not a model folder: config.json is missing "
+                                         f"(a checkpoint folder holds {MODEL_FILES_HELP})")
+            raise ModelNotFoundError(f"model folder {path} does not exist")
+    name = safe_model_name(raw)
+    incomplete = ""
+    for candidate in _candidate_dirs(name, dirs):
+        searched.append(candidate)
+        if (candidate / "config.json").is_file():
+            missing = missing_model_files(candidate)
+            if not missing or not (auto_download and is_repo_id(name)):
+                return _checked_model_folder(candidate)
+            logger.info("model folder %s is incomplete (missing %s); resuming the download", candidate, missing)
+            incomplete = f"; {candidate} lacks {', '.join(missing)}"
+            break
+    # A bare official folder name ("Lumina-mGPT-2.0") may be fetched from its repo.
+    name = {_folder_name(r): r for r in OFFICIAL_MODEL_REPOS}.get(name, name)
+    target = dirs[0] / _folder_name(name) if dirs else None
+    if incomplete:
+        target = candidate  # finish the partial copy where it is
+    hint = (f"Or enable auto-download to fetch it from https://huggingface.co/{name}."
+            if is_repo_id(name) else
+            f"Known models on Hugging Face: {', '.join(OFFICIAL_MODEL_REPOS)}.")
+    if not is_repo_id(name):
+        raise _not_found("model", name, searched, MODEL_FILES_HELP, "no such folder", target, hint)
+
+    from huggingface_hub import snapshot_download
+
+    # A complete copy already in the Hugging Face cache is used without network access.
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=MODEL_ALLOW_PATTERNS, local_files_only=True,
+                                        cache_dir=cache_dir))
+        if (folder / "config.json").is_file() and not missing_model_files(folder):
+            return folder
+    except Exception:  # not cached (LocalEntryNotFoundError and friends): fall through
+        pass
+    if not auto_download:
+        raise _not_found("model", name, searched, MODEL_FILES_HELP, "not downloaded, auto-download is off",
+                         target, hint)
+    if _offline():
+        raise _not_found("model", name, searched, MODEL_FILES_HELP,
+                         f"offline mode (HF_HUB_OFFLINE) forbids downloading{incomplete}", target,
+                         "Unset HF_HUB_OFFLINE to download, or copy the files by hand.")
+    logger.info("downloading %s to %s", name, target or "the Hugging Face cache")
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=MODEL_ALLOW_PATTERNS,
+                                        local_dir=str(target) if target else None, tqdm_class=tqdm_class,
+                                        cache_dir=cache_dir))
+    except Exception as exc:  # network, auth, missing repo: the same advice applies
+        raise _not_found("model", name, searched, MODEL_FILES_HELP, f"download failed: {exc}", target,
+                         "Check the network and the repo id, or copy the files by hand.") from exc
+    return _checked_model_folder(folder)
+
+
+def _checked_model_folder(folder: Path) -> Path:
+    missing = missing_model_files(folder)
+    if missing:
+        raise ModelNotFoundError(f"model folder {folder} is incomplete; missing: {', '.join(missing)}")
+    return folder
+
+
+def resolve_movqgan(name_or_path: str | os.PathLike = MOVQGAN_FILE, *, search_dirs: Sequence[str | os.PathLike] = (),
+                    auto_download: bool = False, allow_paths: bool = True, tqdm_class: Any = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the path of the MoVQGAN checkpoint: a file path, ``<search_dir>/<name>``, or download from ai-forever/MoVQGAN."""
+    dirs = [Path(d) for d in search_dirs]
+    raw = os.fspath(name_or_path)
+    if allow_paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            return path
+        if not _NAME_RE.match(raw.strip()):  # a path, not a name
+            raise ModelNotFoundError(f"MoVQGAN checkpoint {path} does not exist "
+                                     f"(get {MOVQGAN_FILE} from https://huggingface.co/{MOVQGAN_REPO})")
+    name = safe_model_name(raw)
+    searched = [d / name for d in dirs]
+    for candidate in searched:
+        if candidate.is_file():
+            return candidate
+    target = dirs[0] if dirs else None
+    hint = f"Or enable auto-download to fetch it from https://huggingface.co/{MOVQGAN_REPO}."
+    if name != MOVQGAN_FILE:
+        raise _not_found("MoVQGAN checkpoint", name, searched, name, "no such file", target,
+                         f"The official file is {MOVQGAN_FILE} from https://huggingface.co/{MOVQGAN_REPO}.")
+
+    from huggingface_hub import hf_hub_download
+
+    try:  # a copy already in the Hugging Face cache
+        return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # not cached
+        pass
+    if not auto_download:
+        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, "not downloaded, auto-download is off",
+                         target, hint)
+    if _offline():
+        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE,
+                         "offline mode (HF_HUB_OFFLINE) forbids downloading", target,
+                         "Unset HF_HUB_OFFLINE to download, or copy the file by hand.")
+    logger.info("downloading %s/%s to %s", MOVQGAN_REPO, MOVQGAN_FILE, target or "the Hugging Face cache")
+    try:
+        return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_dir=str(target) if target else None,
+                                    tqdm_class=tqdm_class, cache_dir=cache_dir))
+    except Exception as exc:
+        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, f"download failed: {exc}", target,
+                         "Check the network, or copy the file by hand.") from exc
