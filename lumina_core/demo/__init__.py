@@ -1,0 +1,1 @@
+"""The embedded demo model: procedural shapes dataset, pixel checker and the one-command rebuild."""
