@@ -15,6 +15,9 @@ _PUBLIC = {
     "MoVQConfig": "movqgan",
     "TokenLayout": "tokens",
     "Request": "request",
+    "TASKS": "tasks",
+    "resolve_model": "hub",
+    "resolve_movqgan": "hub",
     "SamplingConfig": "sampling",
     "LuminaPipeline": "pipeline",
 }
