@@ -1,0 +1,64 @@
+"""Sampling settings and the two decoders (plain AR and speculative Jacobi) over one target distribution."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GUIDANCE_MODES = ("official", "constant")
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by `generate` when `should_cancel()` returned True; the KV cache is already released."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: guidance, top-k, temperature, decoder (plain or SJD), seed and image count.
+
+    `cfg` is the classifier-free guidance scale (1.0 disables CFG); `guidance` "official" applies
+    the official schedule (reference section e.1), "constant" keeps `cfg` everywhere. `top_k`
+    limits image codes; `text_top_k` is kept for parity with the official settings but unused:
+    the image header (start, height, width) is written from the request, never sampled.
+    Image i of a call uses seed `seed + i`.
+    """
+
+    cfg: float = 4.0
+    guidance: str = "official"
+    top_k: int = 4096
+    text_top_k: int = 10
+    temperature: float = 1.0
+    sjd: bool = False
+    sjd_window: int = 16
+    sjd_coupled: bool = False
+    seed: int = 0
+    num_images: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.cfg, (int, float)) and self.cfg >= 1.0):
+            problems.append(f"cfg must be a number >= 1.0 (1.0 disables guidance), got {self.cfg!r}")
+        if self.guidance not in GUIDANCE_MODES:
+            problems.append(f"guidance must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}")
+        for name in ("top_k", "text_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            problems.append(f"temperature must be a number > 0, got {self.temperature!r}")
+        if not isinstance(self.sjd_window, int) or isinstance(self.sjd_window, bool) or not 2 <= self.sjd_window <= 64:
+            problems.append(f"sjd_window must be an integer in 2..64, got {self.sjd_window!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        if not isinstance(self.num_images, int) or isinstance(self.num_images, bool) or self.num_images < 1:
+            problems.append(f"num_images must be an integer >= 1, got {self.num_images!r}")
+        if self.sjd_coupled and not self.sjd:
+            problems.append("sjd_coupled=True needs sjd=True (it is a variant of speculative Jacobi decoding)")
+        if problems:
+            raise ValueError("invalid SamplingConfig: " + "; ".join(problems))
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image: seed, seed+1, ..."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+__all__ = ["SamplingConfig", "GenerationCancelled", "GUIDANCE_MODES"]

@@ -1,0 +1,244 @@
+"""What both decoders share: the decode spec, the batched-CFG forward over a static KV cache,
+per-image random streams, and progress/cancel reporting."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..model import KVCache, LuminaTransformer
+from . import GenerationCancelled, SamplingConfig
+from .logits import CODE, END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
+
+ProgressFn = Callable[[int, int, torch.Tensor], None]
+CancelFn = Callable[[], bool]
+
+# Keys are read up to a multiple of this (masked beyond the filled part), so a compiled step
+# sees one shape per bucket instead of one per token.
+KV_BUCKET = 256
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """One image-generation job in token terms (built by the pipeline from a Request and a TokenLayout).
+
+    `cond_prefix` = BOS, prompt, separator, image start, H, W (+ the reference rows for I2I);
+    `uncond_prefix` = the same from the image start on (the official non-SJD unconditional
+    context: no text, positions from 0). `rows` x `cols` is the full code grid; the first
+    `first_row` rows are given (the reference) and are part of both prefixes.
+    """
+
+    cond_prefix: tuple[int, ...]
+    uncond_prefix: tuple[int, ...]
+    rows: int
+    cols: int
+    new_line: int
+    image_end: int
+    code_offset: int
+    num_codes: int
+    first_row: int = 0
+    reference_codes: Optional[torch.Tensor] = None  # [first_row, cols]
+
+    @property
+    def first_body(self) -> int:
+        """Body index of the first generated token."""
+        return self.first_row * (self.cols + 1)
+
+    @property
+    def body_len(self) -> int:
+        """Body tokens of the full image (rows with new lines, then the end)."""
+        return body_length(self.rows, self.cols)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Body tokens the sampler produces."""
+        return self.body_len - self.first_body
+
+
+def image_head_weight(model: LuminaTransformer, offset: int, count: int) -> Optional[torch.Tensor]:
+    """The LM-head rows of the image codes as a view (None when the head is quantized: then slice the logits)."""
+    weight = model.lm_head.weight
+    if type(weight) in (torch.Tensor, torch.nn.Parameter):
+        return weight[offset:offset + count]
+    return None
+
+
+def cache_length(spec: DecodeSpec, window: int) -> int:
+    """Positions the KV cache needs: the conditional prefix, every generated token and one window of slack."""
+    return len(spec.cond_prefix) + spec.generated_tokens + window + 1
+
+
+class CFGBatch:
+    """Conditional and unconditional rows of N images in one batch over one static KV cache.
+
+    Rows 0..N-1 are conditional, rows N..2N-1 unconditional (absent when cfg == 1). The
+    unconditional prefix is left-padded to the conditional length (masked keys), and its position
+    ids start at 0 at the image start, so one forward pass evaluates both definitions at once.
+    Every image keeps one write pointer (its two rows move together).
+    """
+
+    def __init__(self, model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingConfig, num_images: int,
+                 window: int, step_fn: Optional[Callable] = None, bucket_kv: bool = False) -> None:
+        self.model, self.spec, self.sampling = model, spec, sampling
+        self.n = num_images
+        self.use_cfg = sampling.cfg != 1.0
+        self.device = next(model.parameters()).device
+        dtype = model.model.embed_tokens.weight.dtype
+        rows = 2 * num_images if self.use_cfg else num_images
+        self.prefix_len = len(spec.cond_prefix)
+        self.max_len = cache_length(spec, window)
+        self.cache = KVCache(model.config, rows, self.max_len, dtype=dtype, device=self.device)
+        pad = self.prefix_len - len(spec.uncond_prefix)
+        if pad < 0:
+            raise ValueError("the unconditional prefix must not be longer than the conditional one")
+        offsets = [0] * num_images + ([pad] * num_images if self.use_cfg else [])
+        self.position_offset = torch.tensor(offsets, dtype=torch.long, device=self.device)
+        self.pad = pad
+        self.head_weight = image_head_weight(model, spec.code_offset, spec.num_codes)
+        self.step_fn = step_fn or model.hidden_states
+        self.bucket_kv = bucket_kv
+        self.host_pointer = [0] * num_images  # cache pointer per image, known on the host
+        self.forward_passes = 0
+        self.guidance = guidance_table(sampling.cfg, sampling.guidance, spec.rows, spec.cols, spec.first_body)
+
+    # --- model calls ------------------------------------------------------------------------
+    def _kv_len(self, n: int) -> int:
+        need = max(self.host_pointer) + n
+        if need > self.max_len:
+            raise ValueError(f"the request needs {need} cache positions but the KV cache holds {self.max_len}")
+        if self.bucket_kv:
+            need = min(self.max_len, -(-need // KV_BUCKET) * KV_BUCKET)
+        return need
+
+    def prefill(self, count: int) -> torch.Tensor:
+        """Run the first `count` prefix tokens of every row; return final hidden states of the last one [rows, H]."""
+        cond = torch.tensor(self.spec.cond_prefix[:count], dtype=torch.long, device=self.device)
+        ids = [cond.expand(self.n, -1)]
+        valid = [torch.ones(self.n, count, dtype=torch.bool, device=self.device)]
+        if self.use_cfg:
+            uncond = torch.zeros(count, dtype=torch.long, device=self.device)
+            real = torch.tensor(self.spec.uncond_prefix[:max(0, count - self.pad)], dtype=torch.long, device=self.device)
+            uncond[count - real.numel():] = real
+            ids.append(uncond.expand(self.n, -1))
+            uv = torch.zeros(count, dtype=torch.bool, device=self.device)
+            uv[count - real.numel():] = True
+            valid.append(uv.expand(self.n, -1))
+        ids_t, valid_t = torch.cat(ids), torch.cat(valid)
+        positions = (torch.arange(count, device=self.device)[None] - self.position_offset[:, None]).clamp(min=0)
+        hidden = self.model.hidden_states(ids_t, attention_mask=valid_t, position_ids=positions, cache=self.cache,
+                                          kv_len=count)
+        self.forward_passes += 1
+        self.host_pointer = [count] * self.n
+        return hidden[:, -1:]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [N, n] (the same to both rows of an image); return final hidden states [rows, n, H]."""
+        n = tokens.shape[1]
+        ids = torch.cat([tokens, tokens]) if self.use_cfg else tokens
+        positions = self.cache.lengths[:, None] + torch.arange(n, device=self.device) - self.position_offset[:, None]
+        hidden = self.step_fn(ids, position_ids=positions, cache=self.cache, kv_len=self._kv_len(n))
+        self.forward_passes += 1
+        self.host_pointer = [p + n for p in self.host_pointer]
+        return hidden
+
+    def rollback(self, counts: torch.Tensor, host_counts: list[int]) -> None:
+        """Forget the last counts[i] positions of image i (both of its rows)."""
+        self.cache.rollback(torch.cat([counts, counts]) if self.use_cfg else counts)
+        self.host_pointer = [p - c for p, c in zip(self.host_pointer, host_counts)]
+
+    def image_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Float32 logits of the image codes: (cond [N, n, C], uncond [N, n, C] or None)."""
+        if self.head_weight is not None:
+            logits = F.linear(hidden, self.head_weight).float()
+        else:
+            logits = self.model.lm_head(hidden).float()[..., self.spec.code_offset:self.spec.code_offset + self.spec.num_codes]
+        if self.use_cfg:
+            return logits[: self.n], logits[self.n:]
+        return logits, None
+
+    def probs(self, hidden: torch.Tensor, body_pos: torch.Tensor) -> torch.Tensor:
+        """The target distribution [N, n, C] at body positions body_pos [N, n] (via `image_probs`)."""
+        cond, uncond = self.image_logits(hidden)
+        index = (body_pos - self.spec.first_body).clamp(0, self.guidance.numel() - 1)
+        scale = self.guidance.to(self.device)[index].float() if self.use_cfg else None
+        return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
+
+    def release(self) -> None:
+        """Free the cache tensors."""
+        self.cache.release()
+
+
+class RowRandom:
+    """One torch.Generator per image, seeded with its own seed, so batch composition never changes an image."""
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.device = device
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def uniform(self, count: int) -> torch.Tensor:
+        """[N, count] uniforms in [0, 1), row i from generator i."""
+        return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators])
+
+
+def forced_tokens(kind: torch.Tensor, spec: DecodeSpec, fill: int) -> torch.Tensor:
+    """Token ids for forced kinds (new line / end); `fill` elsewhere."""
+    out = torch.full_like(kind, fill)
+    out = torch.where(kind == NEW_LINE, torch.full_like(kind, spec.new_line), out)
+    return torch.where(kind == END, torch.full_like(kind, spec.image_end), out)
+
+
+def body_kinds(spec: DecodeSpec, device: torch.device) -> torch.Tensor:
+    """Kind of every body position [body_len]."""
+    return position_kind(torch.arange(spec.body_len, device=device), spec.rows, spec.cols)
+
+
+def codes_from_body(body: torch.Tensor, spec: DecodeSpec, rows_done: Optional[int] = None) -> torch.Tensor:
+    """Code grids [N, rows_done, cols] from body tokens [N, >= rows_done*(cols+1)]."""
+    rows = spec.rows if rows_done is None else rows_done
+    grid = body[:, : rows * (spec.cols + 1)].reshape(body.shape[0], rows, spec.cols + 1)[..., : spec.cols]
+    return grid - spec.code_offset
+
+
+def initial_body(spec: DecodeSpec, num_images: int, device: torch.device, extra: int = 0) -> torch.Tensor:
+    """Body token buffer [N, body_len + extra] with the reference rows (if any) filled in."""
+    body = torch.full((num_images, spec.body_len + extra), spec.image_end, dtype=torch.long, device=device)
+    if spec.first_row:
+        ref = spec.reference_codes.to(device=device, dtype=torch.long) + spec.code_offset
+        rows = torch.cat([ref, torch.full((spec.first_row, 1), spec.new_line, dtype=torch.long, device=device)], 1)
+        body[:, : spec.first_body] = rows.reshape(-1)
+    return body
+
+
+@dataclass
+class Reporter:
+    """Calls progress(done, total, partial_codes) once per completed image row and checks cancel there."""
+
+    spec: DecodeSpec
+    progress: Optional[ProgressFn] = None
+    should_cancel: Optional[CancelFn] = None
+    rows_reported: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.rows_reported = self.spec.first_row
+
+    def update(self, body: torch.Tensor, done_min: int) -> None:
+        """Check cancel and report for every row completed by all images (done_min: finalized body tokens of the slowest)."""
+        rows_done = min(self.spec.rows, done_min // (self.spec.cols + 1))
+        while self.rows_reported < rows_done:
+            self.rows_reported += 1
+            self._emit(body, min(done_min, self.spec.body_len))
+
+    def finish(self, body: torch.Tensor) -> None:
+        """Final report: every token done."""
+        self._emit(body, self.spec.body_len)
+
+    def _emit(self, body: torch.Tensor, done: int) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise GenerationCancelled("generation cancelled by the caller")
+        if self.progress is not None:
+            partial = codes_from_body(body, self.spec, self.rows_reported).cpu()
+            self.progress(done - self.spec.first_body, self.spec.generated_tokens, partial)

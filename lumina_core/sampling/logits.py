@@ -1,0 +1,128 @@
+"""The target distribution at an image position, as pure tensor functions.
+
+Order (reference section e): CFG on raw float32 logits -> grammar (forced new line / end, image
+codes only mid-row) -> top-k (ties kept) -> temperature -> softmax. Both decoders (plain AR and
+SJD) call `image_probs`, so they sample the same distribution for every task.
+
+Inside an image every position that is not forced allows image codes only, so the decoders
+compute logits for the image-code rows of the LM head only (`[..., num_image_codes]`) and fill
+forced positions without sampling. `grammar_mask_full` states the same rule over the whole
+vocabulary; the tests check that both forms give the same distribution.
+"""
+from __future__ import annotations
+
+import torch
+
+# Kinds of body positions (body = everything after start, H, W: rows with new lines, then end).
+CODE, NEW_LINE, END = 0, 1, 2
+
+# The official schedule never lets guidance fall below this floor (reference section e.1).
+OFFICIAL_GUIDANCE_FLOOR = 4.0
+
+
+def body_length(rows: int, cols: int) -> int:
+    """Number of body tokens: every row with its new line, then the image end."""
+    return rows * (cols + 1) + 1
+
+
+def position_kind(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Kind (CODE / NEW_LINE / END) of body positions `t` (0-based, any shape); the official rule.
+
+    Official: with t tokens after start/H/W so far, (t+1) mod (cols+1) == 0 forces the new line,
+    t+1 == (cols+1)*rows + 1 forces the end, anything else allows image codes only.
+    """
+    kind = torch.full_like(t, CODE)
+    kind = torch.where((t + 1) % (cols + 1) == 0, torch.full_like(t, NEW_LINE), kind)
+    return torch.where(t == rows * (cols + 1), torch.full_like(t, END), kind)
+
+
+def guidance_table(cfg: float, mode: str, rows: int, cols: int, first: int = 0) -> torch.Tensor:
+    """Guidance value used at every body position first..end (float64 [body_length - first]).
+
+    "official": the in-place schedule of the official CFG processor (reference section e.1): the
+    value starts at `cfg` and, at every step inside the image (forced positions included), becomes
+    max(4.0, g * (1 - n / (4*hg*wg))) where n counts the tokens after the image start (H, W,
+    reference and all body tokens so far) and hg, wg are grid counts (rows/4, cols/4). A value of
+    exactly 1.0 disables CFG and is never updated. "constant": `cfg` everywhere.
+    """
+    count = body_length(rows, cols) - first
+    if mode == "constant" or cfg == 1.0:
+        return torch.full((count,), float(cfg), dtype=torch.float64)
+    if mode != "official":
+        raise ValueError(f"unknown guidance {mode!r}; allowed: 'official', 'constant'")
+    denominator = 4 * (rows / 4) * (cols / 4)
+    out = []
+    g = float(cfg)
+    for t in range(first, first + count):
+        n = t + 2  # tokens after the image start when predicting body position t: H, W and t body tokens
+        g = max(OFFICIAL_GUIDANCE_FLOOR, g * (1.0 - n / denominator))
+        out.append(g)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance on raw logits: scale * (cond - uncond) + uncond (scale broadcast on the last dim)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(cond.dtype)[..., None]
+    return scale * (cond - uncond) + uncond
+
+
+def grammar_mask_full(logits: torch.Tensor, kind: torch.Tensor, new_line: int, image_end: int,
+                      code_offset: int, num_codes: int) -> torch.Tensor:
+    """Apply the image grammar to full-vocabulary logits [..., V] given position kinds [...]."""
+    vocab = logits.shape[-1]
+    ids = torch.arange(vocab, device=logits.device)
+    is_code = (ids >= code_offset) & (ids < code_offset + num_codes)
+    allowed = torch.where(kind[..., None] == NEW_LINE, ids == new_line,
+                          torch.where(kind[..., None] == END, ids == image_end, is_code))
+    out = logits.masked_fill(~allowed, float("-inf"))
+    # Forced tokens get logit 0 (as the official processor does), so they have probability 1.
+    forced = (kind[..., None] != CODE) & allowed
+    return out.masked_fill(forced, 0.0)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep entries >= the k-th largest value of the last dim (ties kept), others -inf."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide logits by the temperature (> 0); 1.0 leaves them unchanged."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def image_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: torch.Tensor | float | None,
+                top_k: int, temperature: float) -> torch.Tensor:
+    """THE target distribution over image codes at mid-row positions: [..., num_codes] logits -> probabilities.
+
+    `cond`/`uncond` are float32 logits of the image-code rows only (the grammar's image-only rule is
+    the restriction itself); `uncond=None` means no CFG (cfg == 1).
+    """
+    logits = cond if uncond is None else cfg_combine(cond, uncond, scale)
+    logits = apply_temperature(top_k_filter(logits, top_k), temperature)
+    return torch.softmax(logits, dim=-1)
+
+
+def full_vocab_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: torch.Tensor | float | None,
+                     kind: torch.Tensor, top_k: int, temperature: float, new_line: int, image_end: int,
+                     code_offset: int, num_codes: int) -> torch.Tensor:
+    """The same chain over the whole vocabulary (the official form); used to check `image_probs`."""
+    logits = cond if uncond is None else cfg_combine(cond, uncond, scale)
+    logits = grammar_mask_full(logits, kind, new_line, image_end, code_offset, num_codes)
+    logits = apply_temperature(top_k_filter(logits, top_k), temperature)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one index per row of probs [..., C] with uniforms u [...] in [0, 1) (inverse CDF)."""
+    cdf = probs.cumsum(-1)
+    target = u.to(cdf.dtype) * cdf[..., -1]
+    idx = torch.searchsorted(cdf.contiguous(), target[..., None].contiguous(), right=True)[..., 0]
+    return idx.clamp_(max=probs.shape[-1] - 1)
