@@ -1,0 +1,170 @@
+"""ARSampler-SJD: pipe + request -> LUMINA_CODES, with a progress bar per row, live previews and cancel."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import comfy_bridge as bridge
+from .common import CATEGORY, CODES, PIPE, REQUEST, NodeInputError
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# Share of the generation time that previews may use (the issue allows 10 %; stay well under).
+PREVIEW_BUDGET = 0.05
+PREVIEW_EVERY_ROWS = 4
+
+
+class PreviewPolicy:
+    """Decides when to decode a preview so that previews cost at most ``budget`` of the elapsed time.
+
+    The cost of a preview grows with the rows decoded, so the next cost is predicted from the last
+    one scaled by the row count; a preview is made only while the total stays within the budget.
+    """
+
+    def __init__(self, budget: float = PREVIEW_BUDGET, every_rows: int = PREVIEW_EVERY_ROWS,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.budget = budget
+        self.every_rows = max(1, every_rows)
+        self.clock = clock
+        self.start = clock()
+        self.spent = 0.0          # seconds spent decoding previews
+        self.last_cost = 0.0
+        self.last_rows = 0
+        self.count = 0
+
+    def due(self, rows_done: int) -> bool:
+        """True when a preview of ``rows_done`` rows fits the budget and is far enough from the last one."""
+        if rows_done <= 0 or rows_done - self.last_rows < self.every_rows:
+            return False
+        elapsed = self.clock() - self.start
+        predicted = self.last_cost * rows_done / max(1, self.last_rows) if self.last_rows else 0.0
+        if self.count == 0:
+            # The first preview has no cost estimate: wait until enough generation time has passed that
+            # a decode of a few rows is certainly small against it.
+            return elapsed > 0 and rows_done >= self.every_rows
+        return self.spent + predicted <= self.budget * (elapsed - self.spent)
+
+    def record(self, rows_done: int, seconds: float) -> None:
+        """Account for a preview of ``rows_done`` rows that took ``seconds``."""
+        self.spent += seconds
+        self.last_cost = seconds
+        self.last_rows = rows_done
+        self.count += 1
+
+    @property
+    def share(self) -> float:
+        """Fraction of the elapsed time spent on previews so far."""
+        elapsed = self.clock() - self.start
+        return self.spent / elapsed if elapsed > 0 else 0.0
+
+
+class RowProgress:
+    """The pipeline's progress callback: one progress-bar step per row, a decoded preview when the policy allows."""
+
+    def __init__(self, pipe: Any, total_rows: int, node_id: Optional[str] = None,
+                 policy: Optional[PreviewPolicy] = None, previews: bool = True):
+        self.pipe = pipe
+        self.total_rows = total_rows
+        self.bar = bridge.Progress(total_rows, node_id=node_id)
+        self.policy = policy or PreviewPolicy()
+        self.previews = previews
+        self.rows_seen = 0
+
+    def __call__(self, done_tokens: int, total_tokens: int, partial_codes: torch.Tensor) -> None:
+        rows_done = int(partial_codes.shape[1]) if partial_codes is not None and partial_codes.dim() == 3 else 0
+        if rows_done == self.rows_seen and rows_done < self.total_rows:
+            return  # called within a row (SJD windows): the bar moves per row
+        self.rows_seen = rows_done
+        preview = None
+        if self.previews and 0 < rows_done < self.total_rows and self.policy.due(rows_done):
+            started = time.perf_counter()
+            preview = self._decode_preview(partial_codes)
+            self.policy.record(rows_done, time.perf_counter() - started)
+        self.bar.update(min(rows_done, self.total_rows), preview)
+
+    def _decode_preview(self, partial_codes: torch.Tensor) -> Any:
+        from ..lumina_core.images import tensor_to_pil
+
+        with torch.inference_mode():
+            pixels = self.pipe.decode(partial_codes[:1].to(self.pipe.device))
+        return tensor_to_pil(pixels[0])
+
+
+def kv_cache_bytes(pipe: Any, request: Any, batch: int) -> int:
+    """Rough memory of the sampler's KV cache (CFG doubles the batch) for ComfyUI to reserve."""
+    cfg = pipe.config
+    positions = request.image_tokens + 512  # the prompt is short; 512 tokens of head room
+    itemsize = torch.empty((), dtype=pipe.dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 2 * batch * itemsize
+
+
+class LuminaMGPT2ARSamplerSJD:
+    """Samples the image tokens row by row (classifier-free guidance, top-k, optional speculative Jacobi decoding)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = (CODES,)
+    RETURN_NAMES = ("codes",)
+    OUTPUT_TOOLTIPS = ("Generated image codes; connect to VQDecode.",)
+    DESCRIPTION = ("Generates batch_size images for the request. The bar moves once per image row and shows a "
+                   "preview of the rows so far; Cancel stops it within a row.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        """pipe, request, seed, cfg, top_k, temperature, sjd, sjd_window, batch_size."""
+        return {
+            "required": {
+                "pipe": (PIPE,),
+                "request": (REQUEST,),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale (official default 4.0; 1 = off)."}),
+                "top_k": ("INT", {"default": 4096, "min": 1, "max": 16384,
+                                  "tooltip": "Sample among the k most likely image codes (official 4096)."}),
+                "temperature": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 2.0, "step": 0.01, "round": 0.01}),
+                "sjd": ("BOOLEAN", {"default": False, "tooltip": "Speculative Jacobi decoding: several tokens "
+                                    "per step, same distribution, faster."}),
+                "sjd_window": ("INT", {"default": 16, "min": 2, "max": 64,
+                                       "tooltip": "Tokens guessed per SJD step."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images per run (feed "
+                                       "several to Verifier-BestOfN)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def sample(self, pipe: Any, request: Any, seed: int, cfg: float, top_k: int, temperature: float, sjd: bool,
+               sjd_window: int, batch_size: int, unique_id: Optional[str] = None,
+               previews: bool = True) -> tuple:
+        """Run the pipeline's generate under ComfyUI's memory manager, progress bar and cancel button."""
+        from ..lumina_core.sampling import GenerationCancelled, SamplingConfig
+
+        if not hasattr(pipe, "generate"):
+            raise NodeInputError("the pipe input must come from the Lumina-mGPT 2.0 Loader")
+        sampling = SamplingConfig(cfg=float(cfg), top_k=int(top_k), temperature=float(temperature), sjd=bool(sjd),
+                                  sjd_window=int(sjd_window), seed=int(seed), num_images=int(batch_size))
+        bridge.load_on_device(pipe, memory_required=kv_cache_bytes(pipe, request, int(batch_size)))
+        rows = request.height // 8
+        progress = RowProgress(pipe, rows, node_id=unique_id, previews=previews)
+        started = time.perf_counter()
+        try:
+            codes = pipe.generate(request, sampling, progress=progress, should_cancel=bridge.interrupted)
+        except GenerationCancelled:
+            bridge.free_cache()
+            bridge.raise_interrupted()
+            raise
+        except Exception as exc:
+            if bridge.is_oom(exc):
+                bridge.free_cache()
+            raise
+        bridge.free_cache()
+        seconds = time.perf_counter() - started
+        codes.stats.setdefault("seconds", seconds)
+        codes.stats["preview_seconds"] = progress.policy.spent
+        codes.stats["previews"] = progress.policy.count
+        logger.info("Lumina-mGPT 2.0: %d image(s) %dx%d in %.1f s (previews %.1f%% of the time)", batch_size,
+                    request.width, request.height, seconds, 100 * progress.policy.spent / max(seconds, 1e-9))
+        return (codes,)

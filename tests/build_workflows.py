@@ -1,0 +1,254 @@
+"""Writes workflows/*.json (UI format, one per task) and their API twins tests/workflows_api/*.json.
+
+Run from the repository root: ``python tests/build_workflows.py``. The files are committed; the tests
+validate the committed files (links, types, widget values) and that each twin equals the conversion
+of its UI file, so a hand edit of either side is caught.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("workflow_tools", HERE / "workflow_tools.py")
+wt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wt)
+
+REPO = wt.REPO
+UI_DIR = REPO / "workflows"
+API_DIR = REPO / "tests" / "workflows_api"
+MODEL = "Alpha-VLLM/Lumina-mGPT-2.0"
+EXAMPLE_IMAGE = "example.png"  # ships in ComfyUI's input/ folder
+PACK_ID = "lumina-mgpt2"
+
+CONDITION_WORDS = {"depth": "depth map", "canny": "canny edge map", "hed": "HED edge map",
+                   "pose": "pose (OpenPose) map", "openpose": "pose (OpenPose) map"}
+
+
+class Graph:
+    """A small builder of UI-format graphs with the frontend's node/link bookkeeping."""
+
+    def __init__(self, info: dict, title: str):
+        self.info = info
+        self.title = title
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.column = 0
+
+    def add(self, node_type: str, widgets: dict | None = None, pos: tuple[int, int] = (0, 0),
+            title: str | None = None, size: tuple[int, int] = (320, 200)) -> dict:
+        """Add a node; ``widgets`` overrides defaults by input name (seeds get a 'fixed' control)."""
+        widgets = dict(widgets or {})
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [],
+                "properties": {"Node name for S&R": node_type}, "widgets_values": []}
+        if title:
+            node["title"] = title
+        if node_type in wt.VIRTUAL_NODES:
+            node["widgets_values"] = [widgets.pop("text")]
+            node["properties"] = {}
+            self.nodes.append(node)
+            return node
+        spec = self.info[node_type]
+        if node_type.startswith("LuminaMGPT2"):
+            node["properties"]["cnr_id"] = PACK_ID
+        for section in ("required", "optional"):
+            for name in spec["input_order"].get(section, []):
+                kind, options = wt.input_spec(spec, name)
+                if not wt.is_widget(kind, options):
+                    node["inputs"].append({"name": name, "type": kind, "link": None})
+        for role_name, role in wt.widget_slots(spec):
+            if role == "control":
+                node["widgets_values"].append("fixed")
+            elif role == "upload":
+                node["widgets_values"].append("image")
+            else:
+                kind, options = wt.input_spec(spec, role_name)
+                if role_name in widgets:
+                    value = widgets.pop(role_name)
+                elif "default" in options:
+                    value = options["default"]
+                elif isinstance(kind, list):
+                    value = kind[0]
+                else:
+                    raise ValueError(f"{node_type}.{role_name} needs a value")
+                node["widgets_values"].append(value)
+        if widgets:
+            raise ValueError(f"{node_type}: unknown widgets {sorted(widgets)}")
+        for slot, (out_type, out_name) in enumerate(zip(spec["output"], spec["output_name"])):
+            node["outputs"].append({"name": out_name, "type": out_type, "links": [], "slot_index": slot})
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, out_name: str, dst: dict, in_name: str) -> None:
+        """Connect src's output ``out_name`` to dst's input ``in_name`` (a widget input becomes a socket)."""
+        out_slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == out_name)
+        out_type = src["outputs"][out_slot]["type"]
+        slot = next((i for i, e in enumerate(dst["inputs"]) if e["name"] == in_name), None)
+        if slot is None:  # a widget converted to an input: the frontend adds a socket with a widget ref
+            kind, _ = wt.input_spec(self.info[dst["type"]], in_name)
+            dst["inputs"].append({"name": in_name, "type": kind, "widget": {"name": in_name}, "link": None})
+            slot = len(dst["inputs"]) - 1
+        link_id = len(self.links) + 1
+        dst["inputs"][slot]["link"] = link_id
+        src["outputs"][out_slot]["links"].append(link_id)
+        self.links.append([link_id, src["id"], out_slot, dst["id"], slot, out_type])
+
+    def to_ui(self) -> dict:
+        """The UI-format workflow, with a group titled after the task around all nodes."""
+        xs = [n["pos"][0] for n in self.nodes]
+        ys = [n["pos"][1] for n in self.nodes]
+        x2 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
+        y2 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
+        return {
+            "id": None, "revision": 0,
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links,
+            "groups": [{"id": 1, "title": self.title, "bounding": [min(xs) - 20, min(ys) - 60,
+                                                                   x2 - min(xs) + 40, y2 - min(ys) + 80],
+                        "color": "#3f789e", "font_size": 24, "flags": {}}],
+            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 80]}, "info": {"title": self.title}},
+            "version": 0.4,
+        }
+
+
+def note_text(task: str, what: str, settings: list[str]) -> str:
+    lines = [f"Lumina-mGPT 2.0: {what}", "",
+             "Model files go in ComfyUI/models/lumina_mgpt2/<name>/ (config.json, model*.safetensors, "
+             "tokenizer.json, tokenizer_config.json, movqgan_270M.ckpt), or turn on auto_download in the Loader.",
+             "", "What to set:"]
+    lines += [f"- {s}" for s in settings]
+    lines += ["", "Sizes: width and height on the 32 px grid; dual-panel tasks give the FULL size (two panels "
+              "stacked), so 512x1024 makes two 512x512 panels. The resolution picker on the composer lists valid "
+              "sizes and their token cost. About 15 GB of memory for the 7B model in bf16 (use int8/int4 "
+              "quantization on smaller GPUs)."]
+    return "\n".join(lines)
+
+
+def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *, width: int, height: int,
+          image: str | None = None, canny: bool = False, think: bool = False, best_of: int = 0) -> Graph:
+    """One workflow: Loader -> (ThinkPrompt) -> Composer (<- LoadImage) -> Sampler -> VQDecode -> outputs."""
+    g = Graph(info, title)
+    x = 0
+    g.add("Note", {"text": note_text(task, title, settings)}, pos=(x, -420), size=(520, 330),
+          title=f"Read me: {title}")
+    loader = g.add("LuminaMGPT2Loader", {"model": MODEL}, pos=(x, 0), size=(340, 180))
+    source = None
+    if image:
+        load = g.add("LoadImage", {"image": image}, pos=(x, 260), size=(320, 340),
+                     title="Load control map" if task.startswith("control") else "Load reference image")
+        source = (load, "IMAGE")
+        if canny:
+            edges = g.add("Canny", {}, pos=(x + 360, 420), size=(300, 110))
+            g.link(load, "IMAGE", edges, "image")
+            source = (edges, "IMAGE")
+    think_node = None
+    if think:
+        think_node = g.add("LuminaMGPT2ThinkPrompt", {"prompt": prompt}, pos=(x + 360, -420), size=(360, 260))
+        reasoning = g.add("PreviewAny", {}, pos=(x + 760, -420), size=(320, 200), title="Reasoning")
+        g.link(think_node, "reasoning", reasoning, "source")
+    composer = g.add("LuminaMGPT2DualPanelComposer", {"task": task, "width": width, "height": height,
+                                                      "prompt": prompt}, pos=(x + 720, 0), size=(380, 360),
+                     title=f"Composer: {title}")
+    if think_node is not None:
+        g.link(think_node, "prompt", composer, "prompt")
+    if source is not None:
+        g.link(source[0], source[1], composer, "image")
+    sampler = g.add("LuminaMGPT2ARSamplerSJD", {"batch_size": max(1, best_of)}, pos=(x + 1140, 0),
+                    size=(320, 330))
+    g.link(loader, "pipe", sampler, "pipe")
+    g.link(composer, "request", sampler, "request")
+    decode = g.add("LuminaMGPT2VQDecode", {}, pos=(x + 1500, 0), size=(260, 120))
+    g.link(loader, "pipe", decode, "pipe")
+    g.link(sampler, "codes", decode, "codes")
+    prefix = f"lumina_mgpt2/{task}"
+    if best_of:
+        best = g.add("LuminaMGPT2VerifierBestOfN", {"prompt": prompt}, pos=(x + 1800, 0), size=(340, 300))
+        g.link(decode, "image", best, "images")
+        save = g.add("SaveImage", {"filename_prefix": prefix}, pos=(x + 2180, 0), size=(360, 400),
+                     title="Best image")
+        g.link(best, "best", save, "images")
+        ranked = g.add("PreviewImage", {}, pos=(x + 2180, 440), size=(360, 400), title="All candidates, best first")
+        g.link(best, "sorted", ranked, "images")
+        scores = g.add("PreviewAny", {}, pos=(x + 1800, 340), size=(340, 260), title="Scores")
+        g.link(best, "scores", scores, "source")
+    else:
+        save = g.add("SaveImage", {"filename_prefix": prefix}, pos=(x + 1800, 0), size=(360, 420),
+                     title="Full image (both panels)" if height != width or task != "t2i" else "Image")
+        g.link(decode, "image", save, "images")
+        if task != "t2i":
+            lower = g.add("PreviewImage", {}, pos=(x + 1800, 460), size=(360, 300),
+                          title="Lower panel" + (" (condition map)" if task.startswith(("pair", "dense")) else
+                                                 " (result)"))
+            g.link(decode, "lower_panel", lower, "images")
+            upper = g.add("PreviewImage", {}, pos=(x + 2200, 460), size=(360, 300), title="Upper panel")
+            g.link(decode, "upper_panel", upper, "images")
+    return g
+
+
+def catalogue(info: dict) -> dict[str, Graph]:
+    """Every shipped workflow, by file stem."""
+    common = ["Loader: pick the model (or enable auto_download).",
+              "Sampler: seed, cfg (4.0 official), top_k (4096 official); SJD on for speed."]
+    out: dict[str, Graph] = {}
+    out["t2i"] = build(info, "t2i", "Text to image", common + ["Composer: write the prompt; 768x768 by default."],
+                       "A lighthouse on a rocky cliff at sunset, waves crashing below, warm golden light, highly "
+                       "detailed photograph.", width=768, height=768)
+    out["t2i_think_best_of_n"] = build(
+        info, "t2i", "Text to image with ThinkPrompt and best-of-N",
+        common + ["ThinkPrompt: endpoint + model of an OpenAI-compatible API (key from OPENAI_API_KEY or the key "
+                  "file, never here); off = pass the prompt through.",
+                  "Sampler batch_size = N candidates; Verifier-BestOfN keeps the best (verifier weights in "
+                  "models/lumina_mgpt2/verifiers/ or auto_download)."],
+        "a cat reading a newspaper in a cafe", width=768, height=768, think=True, best_of=4)
+    for cond in ("depth", "canny", "hed", "openpose"):
+        out[f"pair_{cond}"] = build(
+            info, f"pair_{cond}", f"Image pair: image + {CONDITION_WORDS[cond]} from text",
+            common + [f"Composer: the prompt describes the image; the model draws it in the upper panel and its "
+                      f"{CONDITION_WORDS[cond]} in the lower panel."],
+            "A cozy reading corner with an armchair, a floor lamp and a bookshelf, soft afternoon light.",
+            width=512, height=1024)
+    out["subject"] = build(
+        info, "subject", "Subject-driven generation",
+        common + ["Load the subject's photo (upper panel); the prompt says where to put it."],
+        "The object standing on a wooden table in a sunlit kitchen.", width=512, height=1024, image=EXAMPLE_IMAGE)
+    out["edit"] = build(
+        info, "edit", "Image editing",
+        common + ["Load the photo to edit (upper panel); the prompt is the edit instruction (paper-style "
+                  "template: the official code has no edit string)."],
+        "Make it a snowy winter evening.", width=512, height=1024, image=EXAMPLE_IMAGE)
+    for cond in ("canny", "depth", "pose", "hed"):
+        settings = common + ([f"LoadImage: any photo; the core Canny node makes the edge map (tune its thresholds)."]
+                             if cond == "canny" else
+                             [f"LoadImage: a {CONDITION_WORDS[cond]} (e.g. from a preprocessor pack such as "
+                              f"comfyui_controlnet_aux); it fills the upper panel."])
+        out[f"control_{cond}"] = build(
+            info, f"control_{cond}", f"Controllable generation from a {CONDITION_WORDS[cond]}", settings,
+            "A futuristic city street at night with neon signs and rain reflections.", width=512, height=1024,
+            image=EXAMPLE_IMAGE, canny=(cond == "canny"))
+    for cond in ("depth", "canny", "hed", "pose"):
+        out[f"dense_{cond}"] = build(
+            info, f"dense_{cond}", f"Dense prediction: {CONDITION_WORDS[cond]} of a photo",
+            common + [f"LoadImage: the photo (upper panel); the lower panel becomes its {CONDITION_WORDS[cond]}.",
+                      "The prompt can stay short or describe the photo."],
+            "A photo.", width=512, height=1024, image=EXAMPLE_IMAGE)
+    return out
+
+
+def main() -> int:
+    info = wt.object_info()
+    UI_DIR.mkdir(exist_ok=True)
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for stem, graph in catalogue(info).items():
+        ui = graph.to_ui()
+        (UI_DIR / f"lumina_mgpt2_{stem}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        (API_DIR / f"lumina_mgpt2_{stem}.json").write_text(json.dumps(wt.ui_to_api(ui, info), indent=1) + "\n")
+        print("wrote", stem)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

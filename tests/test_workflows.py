@@ -1,0 +1,121 @@
+"""Workflow files: only our and core nodes, links join matching types, widget values fit, every task covered."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("workflow_tools", HERE / "workflow_tools.py")
+wt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wt)
+
+UI_FILES = sorted((wt.REPO / "workflows").glob("*.json"))
+API_DIR = wt.REPO / "tests" / "workflows_api"
+
+# Every task the issue lists, and the composer task key that realises it.
+REQUIRED_TASKS = {
+    "text-to-image": "t2i",
+    "image pair depth": "pair_depth", "image pair canny": "pair_canny", "image pair hed": "pair_hed",
+    "image pair openpose": "pair_openpose",
+    "subject-driven": "subject", "image editing": "edit",
+    "control canny": "control_canny", "control depth": "control_depth", "control pose": "control_pose",
+    "control hed": "control_hed",
+    "dense depth": "dense_depth", "dense canny": "dense_canny", "dense hed": "dense_hed", "dense pose": "dense_pose",
+}
+
+
+@pytest.fixture(scope="module")
+def info() -> dict:
+    return wt.object_info()
+
+
+@pytest.fixture(scope="module")
+def allowed(info) -> set[str]:
+    core = set(json.loads(wt.CORE_OBJECT_INFO.read_text())["nodes"])
+    return core | set(wt.import_pack().NODE_CLASS_MAPPINGS)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_there_are_workflows_and_twins():
+    assert len(UI_FILES) >= 16
+    for path in UI_FILES:
+        assert (API_DIR / path.name).is_file(), f"no API twin for {path.name}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_is_valid(path, info, allowed):
+    workflow = load(path)
+    assert wt.validate_ui(workflow, info, allowed) == []
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_api_twin_is_the_conversion_of_the_ui_file(path, info):
+    assert load(API_DIR / path.name) == wt.ui_to_api(load(path), info)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_names_its_task_and_has_a_note(path):
+    workflow = load(path)
+    composers = [n for n in workflow["nodes"] if n["type"] == "LuminaMGPT2DualPanelComposer"]
+    assert len(composers) == 1
+    task_title = workflow["extra"]["info"]["title"]
+    assert workflow["groups"][0]["title"] == task_title
+    assert task_title in composers[0]["title"]
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and "What to set" in notes[0]["widgets_values"][0] and task_title in notes[0]["title"]
+    # Something is saved: the graph has an output node.
+    assert any(n["type"] == "SaveImage" for n in workflow["nodes"])
+
+
+def test_every_task_has_a_workflow():
+    tasks = {}
+    for path in UI_FILES:
+        for node in load(path)["nodes"]:
+            if node["type"] == "LuminaMGPT2DualPanelComposer":
+                tasks.setdefault(node["widgets_values"][0], []).append(path.name)
+    missing = {label: key for label, key in REQUIRED_TASKS.items() if key not in tasks}
+    assert not missing, f"tasks without a workflow: {missing}"
+
+
+def test_think_and_best_of_n_workflow_exists():
+    kinds = [{n["type"] for n in load(p)["nodes"]} for p in UI_FILES]
+    assert any({"LuminaMGPT2ThinkPrompt", "LuminaMGPT2VerifierBestOfN"} <= k for k in kinds)
+
+
+def test_reference_tasks_feed_an_image_and_sizes_fit(info):
+    pack = wt.import_pack()
+    composer = pack.NODE_CLASS_MAPPINGS["LuminaMGPT2DualPanelComposer"]
+    for path in UI_FILES:
+        api = load(API_DIR / path.name)
+        for node in api.values():
+            if node["class_type"] != "LuminaMGPT2DualPanelComposer":
+                continue
+            inputs = node["inputs"]
+            assert composer.VALIDATE_INPUTS(inputs["task"], inputs["width"], inputs["height"],
+                                            inputs["template"]) is True, path.name
+            needs_image = inputs["task"].split("_")[0] in ("subject", "edit", "control", "dense")
+            assert ("image" in inputs) == needs_image, path.name
+
+
+def test_validator_catches_broken_files(info, allowed):
+    """The checks above can fail: a type-mismatched link, a bad widget value and a foreign node are reported."""
+    workflow = load(wt.REPO / "workflows" / "lumina_mgpt2_t2i.json")
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    # codes -> images of SaveImage: LUMINA_CODES into IMAGE
+    sampler, save = by_type["LuminaMGPT2ARSamplerSJD"], by_type["SaveImage"]
+    link_id = save["inputs"][0]["link"]
+    link = next(l for l in workflow["links"] if l[0] == link_id)
+    link[1], link[2], link[5] = sampler["id"], 0, "LUMINA_CODES"
+    sampler["outputs"][0]["links"].append(link_id)
+    by_type["LuminaMGPT2DualPanelComposer"]["widgets_values"][1] = 99999  # width over max
+    workflow["nodes"].append({"id": 99, "type": "SomeoneElsesNode", "inputs": [], "outputs": []})
+    problems = "\n".join(wt.validate_ui(workflow, info, allowed))
+    assert "LUMINA_CODES -> SaveImage.images (IMAGE)" in problems
+    assert "widget width: 99999 > max" in problems
+    assert "SomeoneElsesNode" in problems
