@@ -1,0 +1,131 @@
+"""`python -m lumina_core.train {prepare,fit,export}`: fine-tune Lumina-mGPT 2.0 from the shell.
+
+Also runs under torchrun: `torchrun --nproc-per-node N -m lumina_core.train fit ...` (FSDP2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="pre-tokenise a dataset description (JSON/JSONL) into shards + index")
+    p.add_argument("description", help="JSON list or JSONL of items {task, prompt, image[, second_image]}")
+    p.add_argument("--out", required=True, help="output folder (shards, index.json, bad_items.jsonl, tokenizer/)")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json + tokenizer_config.json "
+                                                      "(the model folder)")
+    p.add_argument("--movqgan", required=True, help="MoVQGAN checkpoint (movqgan_270M.ckpt)")
+    p.add_argument("--target-size", type=int, default=512,
+                   help="official variable-size crop: images get at most target_size^2 pixels (default 512)")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard (also the resume granularity)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="skip items longer than this many tokens")
+    p.add_argument("--device", default="cpu", help="device for MoVQGAN encoding (cpu, cuda, ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="train (single process, or FSDP under torchrun)")
+    p.add_argument("--data", required=True, help="folder written by `prepare`")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--init-from", help="official checkpoint folder to fine-tune")
+    src.add_argument("--config", help="config.json (file or folder) or a preset (2b, 7b): train from scratch")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimizer steps in all")
+    length.add_argument("--epochs", type=float, help="passes over the data in all")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default: --lr, as train.sh)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=4.0)
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on each process")
+    p.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--dropout", type=float, default=0.05, help="residual dropout (official 0.05)")
+    p.add_argument("--z-loss-weight", type=float, default=1e-5)
+    p.add_argument("--uncond-prob", type=float, default=0.1,
+                   help="probability that a sample drops its prompt (image tokens only; official 0.1)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16: autocast with float32 master weights")
+    p.add_argument("--no-grad-checkpointing", action="store_true", help="keep all activations (more memory)")
+    p.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the vocabulary projection")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--sample-every", type=int, default=0, help="write an image sample every K steps (0: never)")
+    p.add_argument("--sample-prompt", default="a photo")
+    p.add_argument("--sample-size", type=int, default=256)
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out), never, or a checkpoint folder")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--stop-after", type=int, default=None, help="leave after this many steps of this invocation")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an official-format model folder from a training checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run recorded)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: prepare, fit, export."""
+    parser = argparse.ArgumentParser(prog="python -m lumina_core.train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_fit(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prepare":
+        from .data import prepare
+
+        summary = prepare(args.description, args.out, args.tokenizer, args.movqgan, target_size=args.target_size,
+                          shard_size=args.shard_size, max_seq_len=args.max_seq_len, device=args.device,
+                          progress=not args.no_progress)
+        print(f"prepare: {summary}")
+        return 0
+    if args.command == "fit":
+        from .distributed import shutdown_distributed
+        from .loop import FitOptions, fit
+
+        opts = FitOptions(
+            data=args.data, out=args.out, init_from=args.init_from, config=args.config, steps=args.steps,
+            epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, clip_grad=args.clip_grad, micro_batch=args.micro_batch,
+            accum=args.accum, max_seq_len=args.max_seq_len, dropout=args.dropout,
+            z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, precision=args.precision,
+            grad_checkpointing=not args.no_grad_checkpointing, loss_chunk=args.loss_chunk, seed=args.seed,
+            save_every=args.save_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
+            sample_prompt=args.sample_prompt, sample_size=args.sample_size, resume=args.resume,
+            device=args.device, stop_after=args.stop_after)
+        try:
+            result = fit(opts)
+        finally:
+            shutdown_distributed()
+        state = "interrupted, checkpoint saved" if result.interrupted else "done"
+        print(f"fit: step {result.step}/{result.total_steps} ({state}); checkpoint {result.checkpoint}")
+        return 0
+    if args.command == "export":
+        from .checkpoint import export_official
+
+        dtype = getattr(torch, args.dtype)
+        out = export_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 1e9))
+        print(f"export: wrote {out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Training data: item descriptions, pre-tokenisation into shards with an index, and the sample stream.
+
+A dataset description is a JSON list or a JSONL file of items::
+
+    {"task": "t2i", "prompt": "a red fox", "image": "fox.jpg"}
+    {"task": "pair_depth", "prompt": "a room", "image": "room.jpg", "second_image": "room_depth.png"}
+
+``image`` is the whole picture of a single-panel task and the UPPER panel of a dual-panel task;
+``second_image`` is the lower panel. Relative paths are relative to the description file. The
+official key ``image_path`` is accepted for ``image``; ``task`` defaults to ``t2i``. Optional
+``width``/``height`` fix the crop size (full image, both panels) instead of the official
+variable-size rule.
+
+Pre-tokenisation builds each item with the inference code path (``Request`` -> prompt text ->
+``prompt_ids``; MoVQGAN codes -> ``image_ids``), so training and sampling share one token grammar.
+Shards are safetensors files (``tokens`` int32 flat, ``offsets`` int64, ``prompt_lengths`` int64);
+``index.json`` lists them and records how many items of the description were consumed, so a killed
+``prepare`` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+INDEX_FILE = "index.json"
+BAD_ITEMS_FILE = "bad_items.jsonl"
+TOKENIZER_DIR = "tokenizer"
+INDEX_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+class BadItem(ValueError):
+    """One dataset item that cannot be used; ``kind`` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.file = file
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One training example as described by the user (paths already resolved)."""
+
+    task: str
+    prompt: str
+    image: str
+    second_image: str | None = None
+    width: int | None = None
+    height: int | None = None
+    item_id: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the description
+
+def read_description(path: str | os.PathLike) -> list[dict[str, Any] | BadItem]:
+    """Read a JSON list or JSONL file; undecodable JSONL lines come back as ``BadItem`` entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset description not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} starts like a JSON list but is not valid JSON: {e}") from e
+        return list(data)
+    entries: list[dict[str, Any] | BadItem] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            entries.append(BadItem("bad_json", f"line {line_no} of {path.name} is not valid JSON: {e}", str(path)))
+    return entries
+
+
+def parse_item(raw: Any, base_dir: Path, position: int) -> DataItem:
+    """Validate one raw description entry into a ``DataItem`` (raises ``BadItem``)."""
+    from ..tasks import get_task
+
+    if isinstance(raw, BadItem):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadItem("bad_entry", f"item {position} is a {type(raw).__name__}, expected a JSON object")
+    task = raw.get("task", "t2i")
+    try:
+        spec = get_task(task)
+    except ValueError as e:
+        raise BadItem("unknown_task", str(e)) from None
+    prompt = raw.get("prompt", raw.get("caption"))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadItem("missing_prompt", f"item {position} has no non-empty 'prompt'")
+    image = raw.get("image", raw.get("image_path"))
+    if not isinstance(image, str) or not image:
+        raise BadItem("missing_image", f"item {position} has no 'image' path")
+    second = raw.get("second_image")
+    if spec.dual_panel and not isinstance(second, str):
+        raise BadItem("missing_second_image",
+                      f"item {position}: task {task!r} is dual-panel and needs 'second_image' (the lower panel)")
+    if not spec.dual_panel and second is not None:
+        raise BadItem("unexpected_second_image", f"item {position}: task {task!r} is single-panel; drop 'second_image'")
+    size = [raw.get("width"), raw.get("height")]
+    if (size[0] is None) != (size[1] is None):
+        raise BadItem("size_off_grid", f"item {position}: give both 'width' and 'height' or neither")
+    for value in size:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise BadItem("size_off_grid", f"item {position}: width/height must be integers, got {value!r}")
+
+    def resolve(p: str) -> str:
+        return str(p if os.path.isabs(p) else base_dir / p)
+
+    return DataItem(task=task, prompt=prompt, image=resolve(image),
+                    second_image=resolve(second) if isinstance(second, str) else None,
+                    width=size[0], height=size[1], item_id=str(raw.get("id", position)))
+
+
+# --------------------------------------------------------------------------------------------
+# Turning one item into tokens
+
+@dataclass
+class Tokenizing:
+    """What pre-tokenisation needs: text tokenizer, its layout, MoVQGAN and the crop rule."""
+
+    tokenizer: Any
+    layout: Any
+    movqgan: Any
+    target_size: int = 512
+    max_seq_len: int | None = None
+
+    def crop_sizes(self, dual_panel: bool) -> list[tuple[int, int]]:
+        """Official training crop list (w, h); a dual-panel item uses panels of half the area each."""
+        from ..images import generate_crop_size_list
+        from ..tokens import GRID_PIXELS
+
+        patches = (self.target_size // GRID_PIXELS) ** 2
+        return generate_crop_size_list(patches // 2 if dual_panel else patches, GRID_PIXELS)
+
+
+def _open_image(path: str) -> "Any":
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise BadItem("missing_file", f"image file not found: {path}", path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadItem("unreadable_image", f"cannot read image {path}: {e}", path) from None
+    from ..images import whiten_transparency
+
+    return whiten_transparency(image)
+
+
+def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
+    """Token ids of one item: BOS, prompt, separator, image grammar, separator (prompt length = the prefix)."""
+    from ..images import center_crop, pil_to_tensor, var_center_crop
+    from ..request import Request, RequestError
+    from ..tasks import get_task
+    from ..tokens import GRID_PIXELS, image_ids, prompt_ids
+
+    spec = get_task(item.task)
+    upper = _open_image(item.image)
+    lower = _open_image(item.second_image) if spec.dual_panel else None
+    for image, path in ((upper, item.image), (lower, item.second_image)):
+        if image is not None and min(image.size) < GRID_PIXELS:
+            raise BadItem("size_off_grid", f"image {path} is {image.size[0]}x{image.size[1]}, smaller than one "
+                                           f"{GRID_PIXELS}-px grid", path)
+    if item.width is not None:
+        width, height = item.width, item.height
+        panel = (width, height // 2) if spec.dual_panel else (width, height)
+    else:
+        crop = var_center_crop(upper, tk.crop_sizes(spec.dual_panel))
+        panel = crop.size
+        width, height = panel[0], panel[1] * (2 if spec.dual_panel else 1)
+    try:
+        # The request validates the size (grid, dual-panel split) and writes the prompt exactly as inference does.
+        request = Request(task=item.task, prompt=item.prompt, width=width, height=height,
+                          reference=upper if spec.reference_upper else None)
+    except RequestError as e:
+        raise BadItem("size_off_grid", f"item {item.item_id}: {e}", item.image) from None
+    panels = [center_crop(upper, panel) if upper.size != panel else upper]
+    if lower is not None:
+        panels.append(center_crop(lower, panel) if lower.size != panel else lower)
+    # Dual panel: the two images stacked vertically make one W x H picture (upper first).
+    pixels = torch.cat([pil_to_tensor(p) for p in panels], dim=1).unsqueeze(0)
+    codes = tk.movqgan.encode(pixels)[0].cpu()
+    prefix = prompt_ids(tk.tokenizer, tk.layout, request.prompt_text())
+    ids = prefix + image_ids(tk.layout, codes) + [tk.layout.separator]
+    if tk.max_seq_len is not None and len(ids) > tk.max_seq_len:
+        raise BadItem("too_long", f"item {item.item_id}: {len(ids)} tokens exceed max_seq_len {tk.max_seq_len}",
+                      item.image)
+    return ids, len(prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and the index
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_shard(path: Path, records: Sequence[tuple[list[int], int]]) -> int:
+    from safetensors.torch import save_file
+
+    lengths = [len(ids) for ids, _ in records]
+    offsets = torch.zeros(len(records) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    tokens = torch.tensor([t for ids, _ in records for t in ids], dtype=torch.int32)
+    prompt_lengths = torch.tensor([p for _, p in records], dtype=torch.int64)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return int(offsets[-1])
+
+
+def load_index(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``index.json`` of a prepared data folder."""
+    path = Path(out_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {INDEX_FILE} in {out_dir}: run `python -m lumina_core.train prepare` first")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("version") != INDEX_VERSION:
+        raise ValueError(f"{path} has index version {index.get('version')}, this code reads {INDEX_VERSION}")
+    return index
+
+
+@dataclass
+class PrepareSummary:
+    """Counts of a prepare run."""
+
+    items: int
+    written: int
+    bad: int
+    bad_by_kind: dict[str, int]
+    tokens: int
+    shards: int
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.bad_by_kind.items())) or "none"
+        return (f"{self.items} items: {self.written} written, {self.bad} skipped ({kinds}); "
+                f"{self.tokens} tokens in {self.shards} shards")
+
+
+def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+            movqgan_path: str | os.PathLike, target_size: int = 512, shard_size: int = 1000,
+            max_seq_len: int | None = None, device: str = "cpu", progress: bool = True) -> PrepareSummary:
+    """Pre-tokenise a dataset description into shards + ``index.json`` in ``out_dir`` (resumes a partial run)."""
+    from tqdm import tqdm
+
+    from ..movqgan import load_movqgan
+    from ..tokens import TokenLayout, load_text_tokenizer
+
+    description = Path(description).resolve()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = read_description(description)
+    index_path = out / INDEX_FILE
+    if index_path.is_file():
+        index = load_index(out)
+        if index["description"] != str(description):
+            raise ValueError(f"{out} already holds data prepared from {index['description']}; "
+                             f"use another output folder for {description}")
+        logger.info("resuming prepare at item %d of %d", index["items_done"], len(entries))
+    else:
+        index = {"version": INDEX_VERSION, "description": str(description), "target_size": target_size,
+                 "items_done": 0, "shards": [], "bad_by_kind": {}, "num_records": 0, "num_tokens": 0}
+    # A copy of the tokenizer travels with the data, so `fit`/`export` know the exact vocabulary used.
+    tok_copy = out / TOKENIZER_DIR
+    tok_copy.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file() and not (tok_copy / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, tok_copy / name)
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    layout = TokenLayout.from_tokenizer(tokenizer)
+    movq = load_movqgan(movqgan_path, device=device)
+    if movq.config.n_embed != layout.num_image_codes:
+        raise ValueError(f"MoVQGAN has {movq.config.n_embed} codes but the tokenizer has {layout.num_image_codes} "
+                         "image tokens; they must match")
+    tk = Tokenizing(tokenizer, layout, movq, target_size=index["target_size"], max_seq_len=max_seq_len)
+    bad_log = out / BAD_ITEMS_FILE
+    start = index["items_done"]
+    pending: list[tuple[list[int], int]] = []
+    pending_bad: list[dict[str, Any]] = []
+
+    def flush(items_done: int) -> None:
+        # Shard first, then the bad-item lines, then the index: the index only ever names complete shards.
+        if pending:
+            name = f"shard-{len(index['shards']):05d}.safetensors"
+            n_tokens = _write_shard(out / name, pending)
+            index["shards"].append({"file": name, "records": len(pending), "tokens": n_tokens})
+            index["num_records"] += len(pending)
+            index["num_tokens"] += n_tokens
+        if pending_bad:
+            with open(bad_log, "a", encoding="utf-8") as f:
+                for entry in pending_bad:
+                    f.write(json.dumps(entry) + "\n")
+                    index["bad_by_kind"][entry["kind"]] = index["bad_by_kind"].get(entry["kind"], 0) + 1
+        index["items_done"] = items_done
+        _atomic_write_text(index_path, json.dumps(index, indent=1))
+        pending.clear()
+        pending_bad.clear()
+
+    if bad_log.is_file() and start == 0:
+        bad_log.unlink()
+    bar = tqdm(total=len(entries), initial=start, disable=not progress, desc="prepare", unit="item")
+    for position in range(start, len(entries)):
+        try:
+            item = parse_item(entries[position], description.parent, position)
+            pending.append(tokenize_item(item, tk))
+        except BadItem as e:
+            logger.warning("skipping item %d: %s", position, e)
+            pending_bad.append({"item": position, "kind": e.kind, "file": e.file, "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a long run must not die on one strange file
+            logger.warning("skipping item %d: unexpected %s: %s", position, type(e).__name__, e)
+            pending_bad.append({"item": position, "kind": "error", "file": None,
+                                "reason": f"{type(e).__name__}: {e}"})
+        bar.update(1)
+        if len(pending) >= shard_size:
+            flush(position + 1)
+    flush(len(entries))
+    bar.close()
+    bad = sum(index["bad_by_kind"].values())
+    summary = PrepareSummary(items=len(entries), written=index["num_records"], bad=bad,
+                             bad_by_kind=dict(index["bad_by_kind"]), tokens=index["num_tokens"],
+                             shards=len(index["shards"]))
+    logger.info("prepare done: %s", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards and building samples
+
+class TokenDataset:
+    """All pre-tokenised records of a prepared folder: ``dataset[i] -> (ids LongTensor, prompt_length)``."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        self.index = load_index(self.folder)
+        tokens, offsets, prompt_lengths = [], [], []
+        base = 0
+        for shard in self.index["shards"]:
+            data = load_file(str(self.folder / shard["file"]))
+            tokens.append(data["tokens"])
+            offsets.append(data["offsets"][:-1] + base)
+            prompt_lengths.append(data["prompt_lengths"])
+            base += int(data["offsets"][-1])
+        if not tokens:
+            raise ValueError(f"{self.folder} holds no usable records (see {BAD_ITEMS_FILE})")
+        self.tokens = torch.cat(tokens)
+        self.offsets = torch.cat([*offsets, torch.tensor([base])])
+        self.prompt_lengths = torch.cat(prompt_lengths)
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[start:end].long(), int(self.prompt_lengths[i])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer copy saved beside the shards."""
+        return self.folder / TOKENIZER_DIR
+
+
+def make_sample(ids: torch.Tensor, prompt_length: int, unconditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) as the official fine-tuning: prompt labels -100; unconditional = image only."""
+    if unconditional:
+        # Only the labelled tokens minus the trailing separator: "<start> H W rows <end>", positions from 0.
+        tokens = ids[prompt_length:-1]
+        return tokens.clone(), tokens.clone()
+    labels = ids.clone()
+    labels[:prompt_length] = IGNORE_INDEX
+    return ids.clone(), labels
+
+
+def collate(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with id 0 / label -100 and truncate to ``max_seq_len`` (official padding)."""
+    length = min(max_seq_len, max(len(ids) for ids, _ in samples))
+    input_ids = torch.zeros(len(samples), length, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, lab) in enumerate(samples):
+        n = min(length, len(ids))
+        input_ids[row, :n] = ids[:n]
+        labels[row, :n] = lab[:n]
+    return input_ids, labels
+
+
+@dataclass
+class SampleOrder:
+    """Deterministic sample stream: a seeded permutation per epoch; the position is one integer."""
+
+    num_samples: int
+    seed: int
+    uncond_prob: float = 0.1
+    _permutation: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+
+    def sample_at(self, position: int) -> tuple[int, bool]:
+        """(dataset index, unconditional?) of the ``position``-th sample of the whole stream."""
+        epoch, offset = divmod(position, self.num_samples)
+        if self._permutation is None or self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutation = (epoch, torch.randperm(self.num_samples, generator=generator))
+        index = int(self._permutation[1][offset])
+        # Decided per stream position, not per rank or RNG state: identical for any world size and after resume.
+        unconditional = random.Random(f"{self.seed}:{position}").random() < self.uncond_prob
+        return index, unconditional
+
+    def epoch_of(self, position: int) -> float:
+        """Fractional epoch reached at ``position``."""
+        return position / self.num_samples
+
+
+def global_batch_positions(step: int, global_batch: int) -> range:
+    """Stream positions consumed by optimizer step ``step`` (0-based)."""
+    return range(step * global_batch, (step + 1) * global_batch)
+
+
+def rank_micro_batches(positions: range, world_size: int, rank: int, micro_batch: int) -> list[list[int]]:
+    """Split one step's positions: micro-batch m of rank r holds positions [(m*W + r)*mb, ...+mb)."""
+    per_micro = world_size * micro_batch
+    accum = len(positions) // per_micro
+    return [[positions[(m * world_size + rank) * micro_batch + j] for j in range(micro_batch)] for m in range(accum)]
+
+
+__all__ = ["DataItem", "BadItem", "PrepareSummary", "TokenDataset", "SampleOrder", "prepare", "make_sample",
+           "collate", "read_description", "parse_item", "tokenize_item", "load_index"]

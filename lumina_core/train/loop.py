@@ -1,0 +1,334 @@
+"""`fit`: fine-tuning (or training from a config) with the official loss, AdamW, warm-up + cosine,
+gradient accumulation, clipping, bf16 autocast over float32 master weights, per-layer activation
+checkpointing, FSDP2 under torchrun, exact resume and SIGTERM-safe checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import LuminaTransformer, build_transformer, init_weights
+from .checkpoint import (latest_checkpoint, load_checkpoint, load_full_model_state, read_official_weights,
+                         save_checkpoint)
+from .data import IGNORE_INDEX, SampleOrder, TokenDataset, collate, global_batch_positions, make_sample, \
+    rank_micro_batches
+from .distributed import DistInfo, all_reduce_mean, any_rank, init_distributed, shard_model
+
+logger = logging.getLogger(__name__)
+LOG_FILE = "log.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+
+def _chunk_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()  # the official model casts logits to float32 after lm_head
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
+    return torch.stack((ce.sum(), lse.pow(2).sum()))
+
+
+def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                   z_loss_weight: float, chunk_size: int = 4096) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Official loss: mean CE over shifted labels != -100, plus z_loss_weight * mean logsumexp^2.
+
+    Only labelled positions are projected to the vocabulary, `chunk_size` rows at a time, each
+    chunk recomputed in backward, so the [tokens, vocab] logits (171k columns) never exist at once.
+    """
+    shifted = labels[:, 1:]
+    valid = shifted != IGNORE_INDEX
+    h = hidden[:, :-1][valid]
+    targets = shifted[valid]
+    sums = hidden.new_zeros(2, dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        part = (h[start:start + chunk_size], lm_head_weight, targets[start:start + chunk_size])
+        if torch.is_grad_enabled():
+            sums = sums + torch.utils.checkpoint.checkpoint(_chunk_loss_sums, *part, use_reentrant=False)
+        else:
+            sums = sums + _chunk_loss_sums(*part)
+    count = max(int(targets.numel()), 1)
+    ce, z = sums[0] / count, sums[1] / count
+    # A micro-batch without labelled tokens still has to touch every parameter (FSDP, gradient sync).
+    loss = ce + z_loss_weight * z + 0.0 * hidden.sum()
+    return loss, {"ce": ce.detach(), "z": z.detach(), "tokens": torch.tensor(float(targets.numel()))}
+
+
+class TrainingModule(nn.Module):
+    """Transformer + loss in one forward, so FSDP's root hooks cover the embeddings and lm_head."""
+
+    def __init__(self, transformer: LuminaTransformer, loss_chunk: int = 4096) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.loss_chunk = loss_chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = self.transformer.hidden_states(input_ids)
+        return causal_lm_loss(hidden, self.transformer.lm_head.weight, labels,
+                              self.transformer.config.z_loss_weight, self.loss_chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+@dataclass
+class FitOptions:
+    """Everything `fit` needs (the CLI fills it)."""
+
+    data: str
+    out: str
+    init_from: str | None = None          # official checkpoint folder
+    config: str | None = None             # config.json or preset name ("2b", "7b") to train from scratch
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-5
+    min_lr: float | None = None           # default: lr (the official train.sh keeps lr == min_lr)
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    clip_grad: float = 4.0
+    micro_batch: int = 1
+    accum: int = 1
+    max_seq_len: int = 4096
+    dropout: float = 0.05
+    z_loss_weight: float = 1e-5
+    uncond_prob: float = 0.1
+    precision: str = "bf16"               # "bf16" (autocast, fp32 master) or "fp32"
+    grad_checkpointing: bool = True
+    loss_chunk: int = 4096
+    seed: int = 0
+    save_every: int = 1000
+    keep: int = 2
+    log_every: int = 1
+    sample_every: int = 0
+    sample_prompt: str = "a photo"
+    sample_size: int = 256
+    resume: str = "auto"                  # "auto", "never" or a checkpoint folder
+    device: str | None = None
+    stop_after: int | None = None         # leave after this many steps (for tests and time-boxed jobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule, optimizer, model
+
+def lr_at(step: int, opts: FitOptions, total_steps: int) -> float:
+    """Official schedule: linear warm-up to lr, then half-cosine down to min_lr at the last step."""
+    min_lr = opts.lr if opts.min_lr is None else opts.min_lr
+    if step < opts.warmup_steps:
+        return opts.lr * step / opts.warmup_steps
+    span = max(1, total_steps - opts.warmup_steps)
+    progress = min(1.0, (step - opts.warmup_steps) / span)
+    return min_lr + (opts.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(module: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if "norm" in name or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def model_config(opts: FitOptions) -> ModelConfig:
+    """The architecture: from the init checkpoint, a config.json, or a preset; with training overrides."""
+    if opts.init_from:
+        cfg = ModelConfig.from_pretrained(opts.init_from)
+    elif opts.config:
+        path = Path(opts.config)
+        if path.is_dir():
+            cfg = ModelConfig.from_pretrained(path)
+        elif path.is_file():
+            cfg = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            cfg = ModelConfig.preset(opts.config)
+    else:
+        raise ValueError("fit needs --init-from (an official checkpoint folder) or --config (config.json or a preset)")
+    return dataclasses.replace(cfg, dropout=opts.dropout, z_loss_weight=opts.z_loss_weight)
+
+
+def build_training_module(cfg: ModelConfig, opts: FitOptions, info: DistInfo, initial: bool) -> TrainingModule:
+    """Build on the meta device, shard with FSDP2 when distributed, materialise, load the starting weights."""
+    with torch.device("meta"):
+        transformer = build_transformer(cfg)
+    transformer.gradient_checkpointing = opts.grad_checkpointing
+    module = TrainingModule(transformer, opts.loss_chunk)
+    if info.enabled:
+        shard_model(module, transformer.model.layers,
+                    torch.bfloat16 if opts.precision == "bf16" else None)
+    module.to_empty(device=info.device)
+    if initial:  # a resumed run loads its own checkpoint instead
+        if opts.init_from:
+            state = read_official_weights(opts.init_from)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(opts.seed)
+                fresh = build_transformer(cfg)  # CPU, seeded: the same weights for any world size
+                init_weights(fresh)
+            state = {k: v.detach() for k, v in fresh.state_dict().items()}
+        load_full_model_state(module, state)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module.train()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+class _StopRequest:
+    """SIGTERM/SIGINT handler: remember the request; the loop saves at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: no handler, the run still works
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("signal %d received: saving at the end of this step, then exiting", signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class FitResult:
+    """What a `fit` call did."""
+
+    step: int
+    total_steps: int
+    losses: list[float]
+    interrupted: bool
+    checkpoint: str | None
+
+
+def fit(opts: FitOptions) -> FitResult:
+    """Train; returns after `steps`, after `stop_after`, or after a SIGTERM (checkpoint saved in each case)."""
+    info = init_distributed(opts.device)
+    dataset = TokenDataset(opts.data)
+    cfg = model_config(opts)
+    global_batch = opts.micro_batch * opts.accum * info.world_size
+    if opts.steps is not None:
+        total_steps = opts.steps
+    elif opts.epochs is not None:
+        total_steps = math.ceil(opts.epochs * len(dataset) / global_batch)
+    else:
+        raise ValueError("give --steps or --epochs")
+    order = SampleOrder(len(dataset), opts.seed, opts.uncond_prob)
+    out = Path(opts.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    resume_from = None
+    if opts.resume == "auto":
+        resume_from = latest_checkpoint(out)
+    elif opts.resume != "never":
+        resume_from = Path(opts.resume)
+    torch.manual_seed(opts.seed + info.rank)
+    module = build_training_module(cfg, opts, info, initial=resume_from is None)
+    optimizer = make_optimizer(module, opts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, opts, total_steps) / opts.lr)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, module, optimizer, scheduler, info)
+        if state["global_batch"] != global_batch:
+            raise ValueError(f"{resume_from} was trained with a global batch of {state['global_batch']} samples; "
+                             f"this run has {global_batch} (micro_batch x accum x world_size). Keep it equal "
+                             "so the data position means the same")
+        step = state["step"]
+        if info.is_main:
+            logger.info("resumed from %s at step %d", resume_from, step)
+
+    tokenizer_dir = str(dataset.tokenizer_dir) if (dataset.tokenizer_dir / "tokenizer.json").is_file() else (
+        opts.init_from if opts.init_from else None)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"step": step, "total_steps": total_steps, "data_position": step * global_batch,
+                "epoch": order.epoch_of(step * global_batch), "global_batch": global_batch,
+                "world_size": info.world_size, "seed": opts.seed, "model_config": dataclasses.asdict(cfg),
+                "tokenizer_dir": tokenizer_dir, "data": str(Path(opts.data).resolve()),
+                "options": dataclasses.asdict(opts)}
+
+    autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16,
+                              enabled=opts.precision == "bf16")
+    stopper = _StopRequest()
+    stopper.install()
+    losses: list[float] = []
+    interrupted = False
+    saved: Path | None = None
+    log_file = out / LOG_FILE
+    end_step = total_steps if opts.stop_after is None else min(total_steps, step + opts.stop_after)
+    try:
+        while step < end_step:
+            t0 = time.perf_counter()
+            micro = rank_micro_batches(global_batch_positions(step, global_batch), info.world_size, info.rank,
+                                       opts.micro_batch)
+            loss_sum = torch.zeros(3)
+            seen_tokens = 0
+            for positions in micro:
+                samples = [make_sample(*dataset[idx], uncond)
+                           for idx, uncond in (order.sample_at(p) for p in positions)]
+                input_ids, labels = collate(samples, opts.max_seq_len)
+                with autocast:
+                    loss, parts = module(input_ids.to(info.device), labels.to(info.device))
+                (loss / len(micro)).backward()
+                loss_sum += torch.stack((loss.detach().float().cpu(), parts["ce"].float().cpu(),
+                                         parts["z"].float().cpu()))
+                seen_tokens += int(sum(min(len(s[0]), opts.max_seq_len) for s in samples))
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), opts.clip_grad)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            means = all_reduce_mean((loss_sum / len(micro)).to(info.device), info).cpu()
+            tokens = all_reduce_mean(torch.tensor([float(seen_tokens)], device=info.device), info).item() * info.world_size
+            elapsed = time.perf_counter() - t0
+            losses.append(float(means[0]))
+            if info.is_main and (step % opts.log_every == 0 or step == end_step):
+                record = {"step": step, "loss": float(means[0]), "ce": float(means[1]), "z": float(means[2]),
+                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
+                          "epoch": order.epoch_of(step * global_batch)}
+                with open(log_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info("step %d/%d loss %.4f (ce %.4f, z %.2f) lr %.3g grad %.3g %.0f tok/s", step,
+                            total_steps, record["loss"], record["ce"], record["z"], lr, record["grad_norm"],
+                            record["tokens_per_s"])
+            if opts.sample_every and step % opts.sample_every == 0:
+                write_samples(module, cfg, opts, info, tokenizer_dir, step)
+            stop = any_rank(stopper.requested, info)
+            if stop or step % opts.save_every == 0 or step == end_step:
+                saved = save_checkpoint(out, module, optimizer, scheduler, trainer_state(), info, opts.keep)
+            if stop:
+                interrupted = True
+                break
+    finally:
+        stopper.restore()
+    return FitResult(step=step, total_steps=total_steps, losses=losses, interrupted=interrupted,
+                     checkpoint=str(saved) if saved else None)
+
+
+def write_samples(module: TrainingModule, cfg: ModelConfig, opts: FitOptions, info: DistInfo,
+                  tokenizer_dir: str | None, step: int) -> None:
+    """Generate one image with the current weights into `<out>/samples/step_N.png` (needs the sampler)."""
+    logger.warning("image samples need lumina_core.pipeline, which is not available yet; skipping")

@@ -1,0 +1,238 @@
+"""Training: prepare (shards, bad items, resume), the official loss, fit, exact resume, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lumina_core.model import build_transformer, load_transformer
+from lumina_core.tiny import TINY_MOVQGAN_FILE, write_tiny_checkpoint
+from lumina_core.tokens import TokenLayout, codes_from_ids, load_text_tokenizer
+from lumina_core.train import FitOptions, TokenDataset, causal_lm_loss, export_official, fit, make_sample, prepare
+from lumina_core.train import data as train_data
+from lumina_core.train.__main__ import main as cli_main
+from lumina_core.train.checkpoint import MODEL_FILE, latest_checkpoint
+
+WORDS = "a red fox blue sky green tree"
+GOOD_ITEMS = 8  # 6 t2i + 2 dual-panel
+
+
+def write_dataset(root: Path) -> Path:
+    """Tiny images made with PIL plus one bad item of every kind; returns the JSONL description."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(6):
+        # Smooth colour fields (not noise), so the tiny random MoVQGAN gives repeated codes.
+        base = rng.integers(0, 255, 3)
+        arr = np.clip(base + np.arange(32)[:, None, None] * rng.integers(-3, 4, 3), 0, 255).astype(np.uint8)
+        Image.fromarray(np.broadcast_to(arr, (32, 32, 3)).copy()).save(root / f"img{i}.png")
+        items.append({"task": "t2i", "prompt": f"a red fox {i}", "image": f"img{i}.png"})
+    Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(root / "tall.png")
+    items.append({"task": "pair_depth", "prompt": "blue sky", "image": "img0.png", "second_image": "img1.png"})
+    items.append({"task": "control_canny", "prompt": "green tree", "image": "img2.png", "second_image": "tall.png"})
+    # Bad items: missing file, unreadable image, size off the grid (explicit and too small), broken JSON.
+    items.append({"task": "t2i", "prompt": "gone", "image": "missing.png"})
+    (root / "broken.png").write_bytes(b"this is not a png")
+    items.append({"task": "t2i", "prompt": "broken", "image": "broken.png"})
+    items.append({"task": "t2i", "prompt": "off grid", "image": "img0.png", "width": 40, "height": 32})
+    Image.fromarray(np.zeros((16, 64, 3), dtype=np.uint8)).save(root / "thin.png")
+    items.append({"task": "t2i", "prompt": "thin", "image": "thin.png"})
+    items.append({"task": "pair_depth", "prompt": "no lower panel", "image": "img0.png"})
+    lines = [json.dumps(x) for x in items] + ["{not json"]
+    path = root / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = write_tiny_checkpoint(root / "model", words=WORDS, num_image_codes=64, max_grids=16)
+    description = write_dataset(root)
+    summary = prepare(description, root / "prep", model_dir, model_dir / TINY_MOVQGAN_FILE, target_size=64,
+                      shard_size=3, progress=False)
+    return {"root": root, "model": model_dir, "description": description, "prep": root / "prep",
+            "summary": summary}
+
+
+def fit_options(setup, out: Path, **overrides) -> FitOptions:
+    values = dict(data=str(setup["prep"]), out=str(out), init_from=str(setup["model"]), steps=6, lr=1e-2,
+                  min_lr=1e-3, warmup_steps=2, micro_batch=2, accum=2, max_seq_len=256, dropout=0.1,
+                  precision="fp32", save_every=100, uncond_prob=0.25, seed=3)
+    values.update(overrides)
+    return FitOptions(**values)
+
+
+def read_log(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+def test_prepare_reports_every_bad_item_and_keeps_going(setup):
+    s = setup["summary"]
+    assert (s.items, s.written, s.bad) == (GOOD_ITEMS + 6, GOOD_ITEMS, 6)
+    assert s.bad_by_kind == {"missing_file": 1, "unreadable_image": 1, "size_off_grid": 2,
+                             "missing_second_image": 1, "bad_json": 1}
+    bad = [json.loads(line) for line in (setup["prep"] / "bad_items.jsonl").read_text().splitlines()]
+    by_kind = {b["kind"]: b for b in bad}
+    assert by_kind["missing_file"]["file"].endswith("missing.png")
+    assert by_kind["unreadable_image"]["file"].endswith("broken.png")
+    assert "not a multiple of 32" in next(b["reason"] for b in bad if b["item"] == 10)
+    assert "smaller than one 32-px grid" in next(b["reason"] for b in bad if b["item"] == 11)
+    assert by_kind["bad_json"]["file"].endswith("data.jsonl") and "line 14" in by_kind["bad_json"]["reason"]
+    assert all(b["reason"] for b in bad)
+
+
+def test_records_follow_the_inference_grammar(setup):
+    tokenizer = load_text_tokenizer(setup["model"])
+    layout = TokenLayout.from_tokenizer(tokenizer)
+    ds = TokenDataset(setup["prep"])
+    assert len(ds) == GOOD_ITEMS
+    shapes = []
+    for i in range(len(ds)):
+        ids, prompt_len = ds[i]
+        assert ids[0] == layout.bos and ids[prompt_len - 1] == layout.separator and ids[-1] == layout.separator
+        shapes.append(tuple(codes_from_ids(layout, ids[prompt_len:-1]).shape))
+    # 32x32 images with target 64: the official crop list picks 64x64; dual panels (half the area
+    # each) keep 32x32, stacked into one 32 wide x 64 high image.
+    assert shapes[:6] == [(8, 8)] * 6 and shapes[6:] == [(8, 4)] * 2
+    text = tokenizer.decode(ds[6][0][1:ds[6][1] - 1].tolist())
+    assert "dual - panel" in text or "dual-panel" in text
+    assert "32x64" in text.replace(" ", "")
+
+
+def test_prepare_resumes_after_a_crash(setup, tmp_path, monkeypatch):
+    real = train_data.tokenize_item
+    calls = {"n": 0}
+
+    def crashing(item, tk):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # a killed process: not a bad item
+        return real(item, tk)
+
+    monkeypatch.setattr(train_data, "tokenize_item", crashing)
+    args = (setup["description"], tmp_path / "prep", setup["model"], setup["model"] / TINY_MOVQGAN_FILE)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, target_size=64, shard_size=3, progress=False)
+    index = json.loads((tmp_path / "prep" / "index.json").read_text())
+    assert index["items_done"] == 3 and index["num_records"] == 3  # one complete shard survived
+    monkeypatch.setattr(train_data, "tokenize_item", real)
+    summary = prepare(*args, target_size=64, shard_size=3, progress=False)
+    assert summary == setup["summary"]
+    a, b = TokenDataset(setup["prep"]), TokenDataset(tmp_path / "prep")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.prompt_lengths, b.prompt_lengths)
+
+
+def test_labels_follow_the_official_rule():
+    ids = torch.tensor([1, 10, 11, 9, 100, 105, 105, 200, 201, 150, 101, 9])  # BOS text SEP | image SEP
+    tokens, labels = make_sample(ids, 4, unconditional=False)
+    assert torch.equal(tokens, ids)
+    assert labels[:4].tolist() == [-100] * 4 and torch.equal(labels[4:], ids[4:])
+    tokens, labels = make_sample(ids, 4, unconditional=True)
+    assert tokens.tolist() == [100, 105, 105, 200, 201, 150, 101] and torch.equal(labels, tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+
+def test_chunked_loss_equals_the_official_formula():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    loss, parts = causal_lm_loss(hidden, weight, labels, z_loss_weight=1e-2, chunk_size=3)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    # Official: CE over shifted labels (ignore -100, mean) + w * mean(logsumexp^2) over the same positions.
+    logits = (hidden @ weight.t()).float()[:, :-1].reshape(-1, 50)
+    target = labels[:, 1:].reshape(-1)
+    valid = target != -100
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+    z = torch.logsumexp(logits[valid], -1).pow(2).mean()
+    ref = ce + 1e-2 * z
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-6) and torch.allclose(parts["ce"], ce, atol=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# fit, resume, export
+
+@pytest.fixture(scope="module")
+def straight_run(setup):
+    out = setup["root"] / "straight"
+    result = fit(fit_options(setup, out))
+    return out, result
+
+
+def test_loss_falls(straight_run):
+    out, result = straight_run
+    assert result.step == 6 and not result.interrupted and len(result.losses) == 6
+    log = read_log(out)
+    assert set(log) == set(range(1, 7))
+    assert log[6]["loss"] < 0.7 * log[1]["loss"], [log[s]["loss"] for s in sorted(log)]
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["grad_norm"]) for r in log.values())
+    assert log[1]["lr"] == 0.0 and abs(log[3]["lr"] - 1e-2) < 1e-12  # warm-up, then cosine from the peak
+
+
+def test_resume_is_exact(setup, straight_run, tmp_path):
+    out, _ = straight_run
+    first = fit(fit_options(setup, tmp_path, stop_after=3))
+    assert first.step == 3 and latest_checkpoint(tmp_path).name == "step_0000003"
+    second = fit(fit_options(setup, tmp_path))
+    assert second.step == 6
+    straight, resumed = read_log(out), read_log(tmp_path)
+    for step in range(1, 7):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-6), step
+    a = load_file(str(latest_checkpoint(out) / MODEL_FILE))
+    b = load_file(str(latest_checkpoint(tmp_path) / MODEL_FILE))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_export_loads_with_identical_logits(setup, straight_run, tmp_path):
+    out, _ = straight_run
+    ckpt = latest_checkpoint(out)
+    trained = load_file(str(ckpt / MODEL_FILE))
+    export_official(out, tmp_path / "fp32", dtype=torch.float32, max_shard_bytes=20_000)
+    folder = tmp_path / "fp32"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(name.startswith("model-0000") for name in shards)
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "chameleon" and config["torch_dtype"] == "float32"
+    model = load_transformer(folder, dtype=torch.float32)
+    reference = build_transformer(model.config)
+    reference.load_state_dict(trained, strict=True)
+    reference.eval()
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
+    assert torch.equal(model(ids), reference(ids))
+    assert load_text_tokenizer(folder).get_vocab() == load_text_tokenizer(setup["model"]).get_vocab()
+    # The default bf16 export through the CLI, one shard.
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "bf16")]) == 0
+    bf16 = load_transformer(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert torch.equal(bf16(ids), reference.to(torch.bfloat16)(ids))
+
+
+def test_fit_from_config_without_checkpoint(setup, tmp_path):
+    config = json.loads((setup["model"] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = cli_main(["fit", "--data", str(setup["prep"]), "--out", str(tmp_path / "run"), "--config",
+                     str(tmp_path / "config.json"), "--steps", "2", "--precision", "bf16", "--lr", "1e-3",
+                     "--max-seq-len", "64"])
+    assert code == 0
+    log = read_log(tmp_path / "run")
+    assert set(log) == {1, 2} and all(np.isfinite(r["loss"]) for r in log.values())
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data_position"] == 2 and state["model_config"]["dropout"] == 0.05
