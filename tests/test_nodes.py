@@ -1,0 +1,220 @@
+"""The pack as ComfyUI sees it, without ComfyUI: import by path, six nodes, their contracts, and each node's work."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("workflow_tools", HERE / "workflow_tools.py")
+wt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wt)
+
+NODE_IDS = ["LuminaMGPT2Loader", "LuminaMGPT2ThinkPrompt", "LuminaMGPT2DualPanelComposer",
+            "LuminaMGPT2ARSamplerSJD", "LuminaMGPT2VQDecode", "LuminaMGPT2VerifierBestOfN"]
+KNOWN_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "LUMINA_PIPE", "LUMINA_REQUEST", "LUMINA_CODES"}
+
+
+@pytest.fixture(scope="module")
+def pack():
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+    return wt.import_pack()
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def node(pack, node_id):
+    return pack.NODE_CLASS_MAPPINGS[node_id]()
+
+
+def test_imports_like_comfyui_and_lists_six_nodes(pack):
+    assert list(pack.NODE_CLASS_MAPPINGS) == NODE_IDS
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    assert pack.WEB_DIRECTORY == "./web"
+    assert (wt.REPO / "web").is_dir()
+    # Relative imports only: the core comes in under the mangled package name, ComfyUI stays absent.
+    assert f"{wt.PACK_MODULE}.lumina_core.request" in sys.modules
+    assert "comfy" not in sys.modules
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_contract(nodes, node_id):
+    cls = nodes[node_id]
+    assert node_id.startswith("LuminaMGPT2") and cls.CATEGORY == "Lumina-mGPT 2.0"
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind = entry[0]
+            assert isinstance(kind, list) and kind or kind in KNOWN_TYPES, (name, kind)
+            options = entry[1] if len(entry) > 1 else {}
+            if isinstance(kind, list):
+                assert options.get("default", kind[0]) in kind
+            if kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], name
+    assert all(t in KNOWN_TYPES for t in cls.RETURN_TYPES)
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    assert len(getattr(cls, "OUTPUT_TOOLTIPS", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+    assert callable(getattr(cls(), cls.FUNCTION))
+    # The docs page the frontend shows for the node exists.
+    assert (wt.REPO / "web" / "docs" / f"{node_id}.md").is_file()
+
+
+def test_sampler_seed_has_control_after_generate(nodes):
+    seed = nodes["LuminaMGPT2ARSamplerSJD"].INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is True and seed["max"] == 2**64 - 1
+
+
+def test_loader_dropdown_lists_local_folders_and_official_repos(nodes, tmp_path, monkeypatch):
+    (tmp_path / "my-finetune").mkdir()
+    (tmp_path / "my-finetune" / "config.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
+    choices = nodes["LuminaMGPT2Loader"].INPUT_TYPES()["required"]["model"][0]
+    assert choices[0] == "my-finetune" and "not-a-model" not in choices
+    assert "Alpha-VLLM/Lumina-mGPT-2.0" in choices and "Alpha-VLLM/Lumina-mGPT-2.0-Omni" in choices
+
+
+# --- composer ---------------------------------------------------------------------------------
+
+def comfy_image(width, height, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, height, width, 3, generator=g)
+
+
+def test_composer_t2i(pack):
+    out = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 768, 512, "a red fox", "official")
+    request, final_prompt = out["result"]
+    assert (request.width, request.height, request.task) == (768, 512, "t2i")
+    assert final_prompt == "Generate an image of 768x512 according to the following prompt:\na red fox"
+    assert out["ui"]["text"][0] == final_prompt
+
+
+def test_composer_control_center_crops_any_image_size(pack):
+    composer = node(pack, "LuminaMGPT2DualPanelComposer")
+    request, prompt = composer.compose("control_canny", 256, 512, "a house", "official",
+                                       image=comfy_image(300, 170))["result"]
+    assert request.reference.size == (300, 170)
+    assert request.reference_image().size == (256, 256)  # official center crop to the upper panel
+    assert "<upper half> displays a <canny edge map>" in prompt and "256x512" in prompt
+
+
+def test_composer_refuses_with_reasons(pack):
+    composer = node(pack, "LuminaMGPT2DualPanelComposer")
+    Error = sys.modules[f"{wt.PACK_MODULE}.nodes.common"].NodeInputError
+    with pytest.raises(Error, match="needs an IMAGE"):
+        composer.compose("edit", 512, 1024, "make it snow", "official")
+    with pytest.raises(Error, match="multiple of 64"):
+        composer.compose("dense_depth", 512, 992, "", "official", image=comfy_image(64, 64))
+    with pytest.raises(Error, match="needs subject_description"):
+        composer.compose("subject", 512, 1024, "on a table", "paper", image=comfy_image(64, 64))
+
+
+def test_composer_validate_inputs(nodes):
+    validate = nodes["LuminaMGPT2DualPanelComposer"].VALIDATE_INPUTS
+    assert validate("t2i", 768, 768, "official") is True
+    assert "multiples of 32" in validate("t2i", 770, 768, "official")
+    assert "multiple of 64" in validate("pair_depth", 512, 992, "official")
+    assert "token" in validate("t2i", 1024, 1024, "official")
+    assert "unknown task" in validate("nonsense", 512, 512, "official")
+    assert validate(None, 512, 512, "official") is True  # a linked value is checked at run time
+
+
+# --- loader safety ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/passwd", "..", "a/../../b", "C:\\models\\x", "x/y/z",
+                                  "evil-org/Lumina-mGPT-2.0", "./local"])
+def test_loader_refuses_names_that_leave_the_folder_or_foreign_repos(pack, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
+    loader = node(pack, "LuminaMGPT2Loader")
+    Error = sys.modules[f"{wt.PACK_MODULE}.nodes.common"].NodeInputError
+    with pytest.raises(Error, match="unsafe or invalid model name|not an official"):
+        loader.load(name, False, "auto", "none", False)
+
+
+def test_loader_missing_model_names_folder_and_files(pack, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    loader = node(pack, "LuminaMGPT2Loader")
+    with pytest.raises(FileNotFoundError) as info:
+        loader.load("Alpha-VLLM/Lumina-mGPT-2.0", False, "auto", "none", False)
+    message = str(info.value)
+    assert str(tmp_path / "Lumina-mGPT-2.0") in message
+    assert "config.json" in message and "model.safetensors" in message and "tokenizer.json" in message
+
+
+# --- bridge outside ComfyUI -------------------------------------------------------------------
+
+def test_bridge_degrades_to_no_ops(pack):
+    bridge = sys.modules[f"{wt.PACK_MODULE}.nodes.comfy_bridge"]
+    assert not bridge.in_comfyui()
+    assert bridge.torch_device() == torch.device("cpu") and bridge.auto_dtype(torch.device("cpu")) == torch.float32
+    assert bridge.interrupted() is False
+    progress = bridge.Progress(10)
+    progress.update(3)
+    progress.update(5, preview=object())
+    assert (progress.value, progress.updates, progress.previews) == (5, 2, 1)
+
+
+def test_preview_policy_keeps_previews_within_budget(pack):
+    sampler = sys.modules[f"{wt.PACK_MODULE}.nodes.sampler"]
+    now = [0.0]
+    policy = sampler.PreviewPolicy(budget=0.05, every_rows=2, clock=lambda: now[0])
+    made = 0
+    for row in range(1, 97):
+        now[0] += 1.0                       # one second of generation per row
+        if policy.due(row):
+            cost = 0.02 * row               # decoding grows with the rows decoded
+            now[0] += cost
+            policy.record(row, cost)
+            made += 1
+    assert made >= 6                        # previews keep coming ...
+    assert policy.share <= 0.05 + 1e-9      # ... within the budget
+
+
+# --- best-of-N (pixel verifier, no weights) ---------------------------------------------------
+
+def test_best_of_n_picks_the_matching_image(pack):
+    from lumina_core.demo.data import parse_caption, render
+
+    caption = "a red circle in the top left"
+    rng = np.random.default_rng(0)
+    right = render(parse_caption(caption), rng)
+    wrong = [render(parse_caption(c), rng) for c in ("a blue square in the bottom right",
+                                                      "a green triangle in the center")]
+    batch = torch.from_numpy(np.stack([wrong[0], right, wrong[1]]).astype(np.float32) / 255.0)
+    out = node(pack, "LuminaMGPT2VerifierBestOfN").select(batch, caption, "demo_check", "", "rank", False, True)
+    best, ranked, text = out["result"]
+    assert best.shape == (1, *batch.shape[1:]) and torch.equal(best[0], batch[1])
+    assert torch.equal(ranked[0], batch[1]) and ranked.shape == batch.shape
+    table = json.loads(text)
+    assert table["best_index"] == 1 and table["candidates"][0]["place"] == 1
+    assert out["ui"]["lumina_scores"][0]["index"] == 1
+
+
+def test_best_of_n_weights_are_checked(pack):
+    best_of_n = sys.modules[f"{wt.PACK_MODULE}.nodes.best_of_n"]
+    assert best_of_n.parse_weights("pickscore=2, aesthetic=0.5", ["pickscore", "aesthetic"]) == \
+        {"pickscore": 2.0, "aesthetic": 0.5}
+    with pytest.raises(ValueError, match="not among"):
+        best_of_n.parse_weights("vqascore=1", ["pickscore"])
+    with pytest.raises(ValueError, match="name=number"):
+        best_of_n.parse_weights("pickscore", ["pickscore"])
+
+
+# --- think prompt -----------------------------------------------------------------------------
+
+def test_think_prompt_off_passes_through_and_bad_endpoint_is_refused(pack):
+    think = node(pack, "LuminaMGPT2ThinkPrompt")
+    assert think.think("a cat", False, "", "gpt-4o")["result"] == ("a cat", "")
+    with pytest.raises(ValueError, match="http"):
+        think.think("a cat", True, "file:///etc/passwd", "gpt-4o")
