@@ -1,0 +1,151 @@
+"""LuminaPipeline: transformer + MoVQGAN + tokenizer + token layout; request -> codes -> pixels."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .model import LuminaTransformer, load_transformer
+from .request import Request, RequestError
+from .sampling import SamplingConfig
+from .sampling.ar import decode_ar
+from .sampling.batch import DecodeSpec
+from .sampling.sjd import decode_sjd
+from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_text_tokenizer, prompt_ids
+
+
+@dataclass
+class GeneratedCodes:
+    """Generated code grids [B, rows, cols] (full image, reference rows included) with their request and seeds."""
+
+    codes: torch.Tensor
+    request: Request
+    seeds: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def find_movqgan(folder: Path, auto_download: bool = False) -> Path:
+    """`movqgan*.ckpt` inside the model folder, else the hub's resolver (search paths / download)."""
+    local = sorted(folder.glob("movqgan*.ckpt"))
+    if local:
+        return local[0]
+    from .hub import resolve_movqgan
+    return Path(resolve_movqgan(search_dirs=[folder, folder.parent], auto_download=auto_download))
+
+
+class LuminaPipeline:
+    """Everything needed to turn a Request into images; `generate` samples codes, `decode` makes pixels."""
+
+    def __init__(self, transformer: LuminaTransformer, movqgan, tokenizer, layout: TokenLayout,
+                 max_positions: Optional[int] = None, step_fn: Optional[Callable] = None, quant: Optional[str] = None) -> None:
+        self.transformer = transformer
+        self.movqgan = movqgan
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.config = transformer.config
+        self.max_positions = max_positions or self.config.max_position_embeddings
+        self.step_fn = step_fn
+        self.quant = quant
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the transformer."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype of the transformer (its embedding dtype)."""
+        return self.transformer.model.embed_tokens.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device | str] = None, quant: Optional[str] = None,
+                        compile: bool = False, auto_download: bool = False,
+                        movqgan_path: Optional[str | Path] = None, search_dirs: tuple = ()) -> "LuminaPipeline":
+        """Load an official-format folder or repo id (bf16 on CUDA, float32 on CPU unless `dtype` says otherwise)."""
+        from .hub import resolve_model
+        from .movqgan import load_movqgan
+        from .quant import check_quant, compile_step, quantize_transformer
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_quant(quant, device, dtype)
+        folder = Path(resolve_model(name_or_path, search_dirs=search_dirs, auto_download=auto_download))
+        transformer = load_transformer(folder, dtype=dtype, device=device)
+        tokenizer = load_text_tokenizer(folder)
+        vocabulary_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocabulary_map")
+        layout = TokenLayout.from_tokenizer(tokenizer, vocabulary_map)
+        ckpt = Path(movqgan_path) if movqgan_path else find_movqgan(folder, auto_download)
+        movqgan = load_movqgan(ckpt, device=device)
+        if quant:
+            quantize_transformer(transformer, quant)
+        step_fn = compile_step(transformer) if compile else None
+        return cls(transformer, movqgan, tokenizer, layout, step_fn=step_fn, quant=quant)
+
+    def to(self, device: torch.device | str) -> "LuminaPipeline":
+        """Move transformer and MoVQGAN to `device`."""
+        self.transformer.to(device)
+        if self.movqgan is not None:
+            self.movqgan.to(device)
+        return self
+
+    # --- request -> token job ---------------------------------------------------------------
+    def prepare(self, request: Request, sampling: Optional[SamplingConfig] = None) -> DecodeSpec:
+        """Tokenise the prompt, encode the reference (I2I) and check the size against the cache budget."""
+        layout = self.layout
+        prompt = prompt_ids(self.tokenizer, layout, request.prompt_text())
+        request.validate(max_positions=self.max_positions, prompt_tokens=len(prompt))
+        rows, cols = request.latent_size
+        h_grids, w_grids = rows // LATENT_PER_GRID, cols // LATENT_PER_GRID
+        if max(h_grids, w_grids) > layout.max_grids:
+            raise RequestError(f"{request.width}x{request.height} needs size tokens for {max(h_grids, w_grids)} grids; "
+                               f"this tokenizer has them up to {layout.max_grids} grids ({layout.max_grids * 32} px)")
+        reference_codes, first_row = None, 0
+        if request.needs_reference:
+            pixels = request.reference_pixels()
+            expected = (1, 3, request.height // 2, request.width)
+            if tuple(pixels.shape) != expected:
+                raise RequestError(f"reference for task {request.task!r} must be {request.width}x{request.height // 2} "
+                                   f"(the upper panel) after cropping; got {tuple(pixels.shape[-1:-3:-1])}")
+            if self.movqgan is None:
+                raise RuntimeError("this pipeline has no MoVQGAN, so it cannot encode the reference image")
+            reference_codes = self.movqgan.encode(pixels.to(self.device))[0].cpu()
+            header = dual_panel_prefix_ids(layout, reference_codes)
+            first_row = reference_codes.shape[0]
+        else:
+            header = [layout.image_start, layout.size_token(h_grids), layout.size_token(w_grids)]
+        # The requested size is WRITTEN into the prefix (the official code samples start/H/W), so the
+        # output always has the size the user asked for.
+        return DecodeSpec(cond_prefix=tuple(prompt + header), uncond_prefix=tuple(header), rows=rows, cols=cols,
+                          new_line=layout.new_line, image_end=layout.image_end, code_offset=layout.image_code_offset,
+                          num_codes=layout.num_image_codes, first_row=first_row, reference_codes=reference_codes)
+
+    def generate(self, request: Request, sampling: Optional[SamplingConfig] = None,
+                 progress: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+                 should_cancel: Optional[Callable[[], bool]] = None) -> GeneratedCodes:
+        """Sample `sampling.num_images` code grids for `request` in one batch (image i uses seed + i)."""
+        sampling = sampling or SamplingConfig()
+        spec = self.prepare(request, sampling)
+        seeds = sampling.seeds
+        if sampling.sjd:
+            codes, stats = decode_sjd(self.transformer, spec, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
+        else:
+            codes, stats = decode_ar(self.transformer, spec, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
+        stats["prompt_tokens"] = len(spec.cond_prefix) - 3 - spec.first_body
+        return GeneratedCodes(codes=codes.cpu(), request=request, seeds=seeds, stats=stats)
+
+    @torch.no_grad()
+    def decode(self, codes: GeneratedCodes | torch.Tensor) -> torch.Tensor:
+        """Codes [B, rows, cols] (or GeneratedCodes) -> float images [B, 3, H, W] clamped to [-1, 1]."""
+        grid = codes.codes if isinstance(codes, GeneratedCodes) else codes
+        if self.movqgan is None:
+            raise RuntimeError("this pipeline has no MoVQGAN to decode with")
+        return self.movqgan.decode(grid.to(self.device)).clamp(-1, 1)

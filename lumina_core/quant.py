@@ -1,0 +1,82 @@
+"""Weight-only quantization (torchao) and torch.compile of the decode step."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+QUANT_MODES = ("int8", "int4")
+INT4_GROUP_SIZE = 128
+
+
+def check_quant(mode: Optional[str], device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise a clear error for combinations we do not support (before any weights are loaded)."""
+    if mode is None:
+        return
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quant {mode!r}; supported: None (no quantization), {', '.join(QUANT_MODES)}")
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"quant={mode!r} is supported on cpu and cuda, not on {kind}; use quant=None there")
+    if mode == "int4" and kind == "cuda" and dtype != torch.bfloat16:
+        raise ValueError(f"int4 on CUDA (torchao Int4WeightOnlyConfig) needs dtype=torch.bfloat16, got {dtype}")
+
+
+def quantize_transformer(model: nn.Module, mode: str, include_lm_head: bool = False,
+                         group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+    """Quantize the transformer's linear weights in place (weight-only); lm_head stays high precision by default.
+
+    int8: torchao Int8WeightOnlyConfig (per-channel). int4: groups of `group_size` input channels,
+    Int4WeightOnlyConfig on CUDA, IntxWeightOnlyConfig(int4, PerGroup) on CPU. Embeddings and norms
+    are never quantized.
+    """
+    param = next(model.parameters())
+    check_quant(mode, param.device, param.dtype)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    def wanted(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and (include_lm_head or name != "lm_head")
+
+    if mode == "int4":
+        bad = [name for name, m in model.named_modules() if wanted(m, name) and m.in_features % group_size]
+        if bad:
+            raise ValueError(f"int4 groups of {group_size} need in_features divisible by {group_size}; "
+                             f"not so for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+        if param.device.type == "cuda":
+            from torchao.quantization import Int4WeightOnlyConfig
+            config = Int4WeightOnlyConfig(group_size=group_size)
+        else:
+            from torchao.quantization import IntxWeightOnlyConfig
+            from torchao.quantization.granularity import PerGroup
+            config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    else:
+        config = Int8WeightOnlyConfig()
+    quantize_(model, config, filter_fn=wanted)
+    return model
+
+
+def compile_step(model: nn.Module, mode: Optional[str] = None) -> Callable:
+    """The model's cached forward (`hidden_states`) wrapped in torch.compile for the decode step.
+
+    Decoders call it with fixed window shapes and key lengths rounded up to buckets, so it compiles
+    once per bucket. `mode` is passed to torch.compile (e.g. "max-autotune-no-cudagraphs").
+    """
+    return torch.compile(model.hidden_states, mode=mode, dynamic=False)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters as stored (quantized tensors count their packed data)."""
+    total = 0
+    for p in model.parameters():
+        data = p.data if isinstance(p, nn.Parameter) else p
+        inner = getattr(data, "__tensor_flatten__", None)
+        if inner is not None and type(data) is not torch.Tensor:
+            names, _ = data.__tensor_flatten__()
+            total += sum(getattr(data, n).numel() * getattr(data, n).element_size() for n in names)
+        else:
+            total += data.numel() * data.element_size()
+    return total
