@@ -215,12 +215,11 @@ def interrupted() -> bool:
 
 
 def raise_interrupted() -> None:
-    """Raise ComfyUI's own interrupt exception (resets the flag; the executor reports 'interrupted')."""
+    """Inside ComfyUI raise its own interrupt exception (resets the flag; the run shows as interrupted); else no-op."""
     mm = _import("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
-    raise KeyboardInterrupt("generation cancelled")
 
 
 def preview_size() -> int:

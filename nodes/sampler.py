@@ -16,6 +16,9 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # Share of the generation time that previews may use (the issue allows 10 %; stay well under).
 PREVIEW_BUDGET = 0.05
 PREVIEW_EVERY_ROWS = 4
+# No preview before this much generation time: short runs need none, and the first decode (whose
+# cost is not known yet) stays small against the time already spent.
+PREVIEW_FIRST_AFTER_S = 1.0
 
 
 class PreviewPolicy:
@@ -26,8 +29,9 @@ class PreviewPolicy:
     """
 
     def __init__(self, budget: float = PREVIEW_BUDGET, every_rows: int = PREVIEW_EVERY_ROWS,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, first_after: float = PREVIEW_FIRST_AFTER_S):
         self.budget = budget
+        self.first_after = first_after
         self.every_rows = max(1, every_rows)
         self.clock = clock
         self.start = clock()
@@ -43,9 +47,8 @@ class PreviewPolicy:
         elapsed = self.clock() - self.start
         predicted = self.last_cost * rows_done / max(1, self.last_rows) if self.last_rows else 0.0
         if self.count == 0:
-            # The first preview has no cost estimate: wait until enough generation time has passed that
-            # a decode of a few rows is certainly small against it.
-            return elapsed > 0 and rows_done >= self.every_rows
+            # The first preview has no cost estimate yet: wait until enough generation time has passed.
+            return elapsed >= self.first_after
         return self.spent + predicted <= self.budget * (elapsed - self.spent)
 
     def record(self, rows_done: int, seconds: float) -> None:

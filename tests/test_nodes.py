@@ -218,3 +218,112 @@ def test_think_prompt_off_passes_through_and_bad_endpoint_is_refused(pack):
     assert think.think("a cat", False, "", "gpt-4o")["result"] == ("a cat", "")
     with pytest.raises(ValueError, match="http"):
         think.think("a cat", True, "file:///etc/passwd", "gpt-4o")
+
+
+# --- the chain on a tiny official-format checkpoint --------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from lumina_core.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_checkpoint(root / "tiny", words="a red fox house on hill")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LUMINA_MGPT2_MODELS", str(root))
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(pack, tiny_models):
+    pipe, = node(pack, "LuminaMGPT2Loader").load("tiny", False, "auto", "none", False)
+    return pipe
+
+
+def assert_comfy_image(image, batch, height, width):
+    assert image.shape == (batch, height, width, 3) and image.dtype == torch.float32
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+
+def test_loader_builds_a_pipeline_on_cpu(tiny_pipe, pack):
+    assert "tiny" in pack.NODE_CLASS_MAPPINGS["LuminaMGPT2Loader"].INPUT_TYPES()["required"]["model"][0]
+    assert tiny_pipe.device == torch.device("cpu") and tiny_pipe.dtype == torch.float32
+    assert tiny_pipe.movqgan is not None and tiny_pipe.tokenizer is not None
+
+
+def test_t2i_chain_outputs_comfy_images(pack, tiny_pipe):
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 64, 32, "a red fox", "official")["result"]
+    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
+    assert codes.codes.shape == (2, 4, 8) and codes.seeds == [7, 8]
+    image, upper, lower = node(pack, "LuminaMGPT2VQDecode").decode(tiny_pipe, codes)
+    assert_comfy_image(image, 2, 32, 64)
+    assert torch.equal(upper, image) and torch.equal(lower, image)  # single panel: both are the full image
+    again, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
+    assert torch.equal(again.codes, codes.codes)  # the seed decides
+
+
+def test_dual_panel_chain_splits_panels_and_keeps_the_reference(pack, tiny_pipe):
+    reference = comfy_image(70, 50)  # any size: center-cropped to the 64x64 upper panel
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose(
+        "control_canny", 64, 128, "a house", "official", image=reference)["result"]
+    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 0, 4.0, 16, 1.0, True, 4, 1)
+    assert codes.codes.shape == (1, 16, 8)
+    expected_upper = tiny_pipe.movqgan.encode(request.reference_pixels())[0]
+    assert torch.equal(codes.codes[0, :8], expected_upper)  # the given panel is the prefix, not sampled
+    image, upper, lower = node(pack, "LuminaMGPT2VQDecode").decode(tiny_pipe, codes)
+    assert_comfy_image(image, 1, 128, 64)
+    assert_comfy_image(upper, 1, 64, 64)
+    assert torch.equal(torch.cat([upper, lower], dim=1), image)
+
+
+def test_progress_moves_per_row_with_previews(pack, tiny_pipe):
+    sampler = sys.modules[f"{wt.PACK_MODULE}.nodes.sampler"]
+    sampling_cls = sys.modules[f"{wt.PACK_MODULE}.lumina_core.sampling"].SamplingConfig
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 32, 64, "a fox", "official")["result"]
+    policy = sampler.PreviewPolicy(budget=1e9, every_rows=2, first_after=0.0)  # preview whenever allowed
+    progress = sampler.RowProgress(tiny_pipe, request.height // 8, policy=policy)
+    seen = []
+    original = progress.bar.update
+    progress.bar.update = lambda value, preview=None: (seen.append((value, preview)), original(value, preview))
+    tiny_pipe.generate(request, sampling_cls(top_k=16, seed=3), progress=progress)
+    values = [v for v, _ in seen]
+    assert values == sorted(values) and values[-1] == 8 and len(set(values)) >= 8  # each of the 8 rows
+    previews = [p for _, p in seen if p is not None]
+    assert len(previews) >= 3 and previews[0].size[0] == 32
+    assert [p.size[1] for p in previews] == sorted(p.size[1] for p in previews)  # the preview grows
+
+
+def test_cancel_stops_within_a_row(pack, tiny_pipe, monkeypatch):
+    bridge = sys.modules[f"{wt.PACK_MODULE}.nodes.comfy_bridge"]
+    cancelled = sys.modules[f"{wt.PACK_MODULE}.lumina_core.sampling"].GenerationCancelled
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 32, 64, "a fox", "official")["result"]
+    rows = []
+    flag = {"on": False}
+    original = bridge.Progress.update
+
+    def update(self, value, preview=None):
+        rows.append(value)
+        if value >= 2:
+            flag["on"] = True  # the user presses Cancel during row 3
+        original(self, value, preview)
+
+    monkeypatch.setattr(bridge.Progress, "update", update)
+    monkeypatch.setattr(bridge, "interrupted", lambda: flag["on"])
+    with pytest.raises(cancelled):
+        node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 0, 4.0, 16, 1.0, False, 16, 1)
+    assert max(rows) <= 3
+
+
+def test_missing_movqgan_names_the_folder_and_file(pack, tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    broken = tmp_path / "no-movq"
+    shutil.copytree(tiny_models / "tiny", broken)
+    for ckpt in broken.glob("*.ckpt"):
+        ckpt.unlink()
+    monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError) as info:
+        node(pack, "LuminaMGPT2Loader").load("no-movq", False, "auto", "none", False)
+    assert "movqgan_270M.ckpt" in str(info.value) and str(broken) in str(info.value)
