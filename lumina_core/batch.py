@@ -9,7 +9,7 @@ The flow of one run:
    a barrier makes sure no rank starts writing before all have read, so all ranks see the same
    pending list and ``shard`` splits it without overlap (a rerun with another world size rebalances);
 3. each rank loads one model on its own device and generates its items; an item's seed comes from
-   the item (its ``seed`` field, else ``--seed`` + the item's index), never from the rank, so the
+   the item (its ``seed`` field, else ``--seed`` + index x ``SEED_STRIDE``), never from the rank, so the
    same item gives the same images whichever rank draws it;
 4. images are written atomically, then the item's manifest line; a barrier; rank 0 merges the
    per-rank manifests into ``manifest.jsonl`` and writes the summary.
@@ -48,6 +48,11 @@ RANK_MANIFEST_RE = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 # Fields of a JSONL item that this module reads; every other field is kept as ``extra``.
 KNOWN_FIELDS = ("prompt", "task", "size", "width", "height", "reference", "seed", "images", "id", "template",
                 "subject")
+# An item without a seed gets run seed + index x SEED_STRIDE. Image n of an item uses seed + n
+# (SamplingConfig), best-of-N candidates included, so with fewer than SEED_STRIDE images per item no
+# two images of a file share a seed whatever the per-item counts, and an item's seed depends on its
+# place in the file only (never on the rank, nor on other lines being fixed or broken).
+SEED_STRIDE = 1000
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -66,7 +71,7 @@ class ItemDefaults:
     task: str = "t2i"
     width: int = 768
     height: int = 768
-    seed: int = 0              # an item without a seed gets seed + its index
+    seed: int = 0              # an item without a seed gets seed + index * SEED_STRIDE
     num_images: int = 1
     template: str = "official"
 
@@ -161,12 +166,12 @@ def _parse_record(record: Any, line: int, index: int, defaults: ItemDefaults, ba
         raise ValueError(f"task must be a string, got {task!r}")
     get_task(task)  # unknown task: ValueError listing the allowed ones
     width, height = _parse_size(record, defaults, task_default="task" in record and task != defaults.task)
-    seed = record.get("seed", defaults.seed + index)
+    num_images = record.get("images", defaults.num_images)
+    if not _is_int(num_images) or not 1 <= num_images <= SEED_STRIDE:
+        raise ValueError(f"images must be an integer in 1..{SEED_STRIDE}, got {num_images!r}")
+    seed = record.get("seed", defaults.seed + index * SEED_STRIDE)
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    num_images = record.get("images", defaults.num_images)
-    if not _is_int(num_images) or num_images < 1:
-        raise ValueError(f"images must be a positive integer, got {num_images!r}")
     template = record.get("template", defaults.template)
     subject = record.get("subject", "")
     if not isinstance(subject, str):

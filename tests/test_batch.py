@@ -31,7 +31,7 @@ def test_text_file_one_prompt_a_line_blank_lines_take_no_index(tmp_path):
     assert bad == []
     assert [(i.line, i.index, i.key, i.prompt) for i in items] == [
         (1, 0, "00000", "a red cube"), (3, 1, "00001", "a blue ball"), (4, 2, "00002", "{not json in a text file}")]
-    assert [i.seed for i in items] == [100, 101, 102]  # seed = run seed + item index
+    assert [i.seed for i in items] == [100, 1100, 2100]  # run seed + index x 1000: no image seed repeats
     assert all((i.width, i.height, i.num_images, i.task) == (64, 32, 2, "t2i") for i in items)
 
 
@@ -53,7 +53,7 @@ def test_jsonl_fields_and_extras_kept(tmp_path):
     assert fox.source["tag"] == "animals" and fox.source["prompt"] == "a fox"
     assert cat.key == "cat-1" and cat.task == "control_canny" and cat.reference == str(ref.resolve())
     assert cat.request(reference=Image.open(ref)).is_dual_panel
-    assert (square.width, square.height, square.seed) == (96, 96, 2)
+    assert (square.width, square.height, square.seed) == (96, 96, 2000)
 
 
 def test_bad_lines_reported_with_numbers_and_skipped(tmp_path):
