@@ -1,0 +1,49 @@
+"""`python -m lumina_core generate` on a tiny official-format checkpoint."""
+import json
+
+import pytest
+from PIL import Image
+
+from lumina_core.__main__ import main
+from lumina_core.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_cli"), words="a red cat", num_image_codes=64, movq_ch=32)
+
+
+def test_generate_writes_pngs_with_settings(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["generate", "--model", str(tiny_folder), "--prompt", "a red cat", "--width", "32", "--height", "32",
+          "--num-images", "2", "--seed", "7", "--sjd", "--sjd-window", "4", "--top-k", "20", "--device", "cpu",
+          "--output", str(out)])
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["lumina_t2i_000007.png", "lumina_t2i_000008.png"]
+    image = Image.open(files[1])
+    assert image.size == (32, 32)
+    meta = json.loads(image.text["lumina_mgpt2"])
+    assert meta["seed"] == 8 and meta["prompt"] == "a red cat" and meta["sjd"] is True and meta["top_k"] == 20
+    assert meta["sampler_stats"]["forward_passes"] > 0
+    assert "forward passes" in capsys.readouterr().out
+
+
+def test_reference_task_from_the_shell(tiny_folder, tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(ref)
+    main(["generate", "--model", str(tiny_folder), "--prompt", "blue", "--task", "edit", "--width", "32",
+          "--height", "64", "--reference", str(ref), "--device", "cpu", "--output", str(tmp_path / "o")])
+    (png,) = (tmp_path / "o").glob("*.png")
+    assert Image.open(png).size == (32, 64)
+    assert json.loads(Image.open(png).text["lumina_mgpt2"])["reference"] == "ref.png"
+
+
+@pytest.mark.parametrize("args,message", [(["--cfg", "0.5"], "cfg"), (["--top-k", "0"], "top_k"),
+                                          (["--temperature", "0"], "temperature"), (["--width", "33"], "multiple of 32"),
+                                          (["--coupled"], "sjd_coupled")])
+def test_bad_settings_exit_with_a_clear_message(tiny_folder, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(tiny_folder), "--prompt", "x", "--height", "32", "--width", "32",
+              "--device", "cpu", "--output", str(tmp_path), *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
