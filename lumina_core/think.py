@@ -14,7 +14,6 @@ Key handling (workflows are shared, so the base URL in a workflow is untrusted):
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -22,7 +21,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit

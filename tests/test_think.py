@@ -24,6 +24,7 @@ class ChatServer:
         self.requests: list[dict] = []
         self.behaviour = "ok"
         self.content = "The prompt is short.\n<results>A red cube on a wooden table, soft light</results>"
+        self.message_extra: dict = {}
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,6 +48,11 @@ class ChatServer:
                     self.end_headers()
                     self.wfile.write(raw)
                     return
+                if outer.behaviour == "401_echo":  # providers echo (part of) a wrong key
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    self._send(401, {"error": {"message": f"Incorrect API key provided: {key}. ({key[:8]}...{key[-4:]})",
+                                               "type": "invalid_request_error"}})
+                    return
                 if outer.behaviour == "reject_temperature" and "temperature" in body:
                     self._send(400, {"error": {"message": "Unsupported parameter: 'temperature'",
                                                "type": "invalid_request_error", "param": "temperature"}})
@@ -54,7 +60,8 @@ class ChatServer:
                 self._send(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": outer.content}}],
+                                 "message": {"role": "assistant", "content": outer.content,
+                                             **outer.message_extra}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
 
@@ -169,6 +176,14 @@ def test_missing_results_markers_falls_back(server, tmp_path, caplog):
     assert "original prompt" in caplog.text
 
 
+def test_reasoning_field_is_kept_as_reasoning(server, tmp_path):
+    server.message_extra = {"reasoning_content": "The user wants a cube; add light."}
+    server.content = "<results>A red cube, soft light</results>"
+    result = refine_prompt("a red cube", cfg(server, tmp_path))
+    assert result.prompt == "A red cube, soft light"
+    assert result.reasoning == "The user wants a cube; add light."
+
+
 def test_unreachable_endpoint_falls_back(tmp_path):
     config = ThinkConfig(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0, timeout=2.0,
                          cache_dir=str(tmp_path))
@@ -235,6 +250,17 @@ def test_env_key_goes_to_the_base_url_the_user_set(server, tmp_path, monkeypatch
     assert server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
     assert SECRET not in caplog.text and SECRET not in repr(result)
     assert SECRET not in _all_text_under(tmp_path)
+
+
+def test_key_echoed_in_an_error_is_redacted(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    server.behaviour = "401_echo"
+    with caplog.at_level(logging.DEBUG):
+        result = refine_prompt("a red cube", cfg(server, tmp_path, base_url=""))
+    assert result.source == "fallback" and "AuthenticationError" in result.warning
+    for part in (SECRET, SECRET[:8], SECRET[-4:]):
+        assert part not in result.warning and part not in caplog.text
 
 
 def test_key_file_key_goes_only_to_its_host(server, tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lumina_core.verify import (BestOfN, DemoCheckVerifier, average_ranks, best_of_n, get_verifier,
                                 load_aesthetic_head, rank, resolve_model_folder, to_pil_images, weight_memory, zscores)
@@ -49,14 +48,14 @@ def test_scores_shape_deterministic_and_lazy(name, tiny):
     assert verifier.loaded
     assert first.shape == (3,) and first.dtype == torch.float32 and torch.isfinite(first).all()
     assert torch.equal(verifier.score(batch, "a red cube"), first)
-    # same images as PIL give the same scores; a fresh instance loads the same weights
+    # same images as PIL give the same scores
     assert torch.allclose(verifier.score(to_pil_images(batch), "a red cube"), first, atol=1e-6)
-    assert torch.allclose(build(name, tiny).score(batch, "a red cube"), first, atol=1e-5)
     # scores depend on the image content
     assert first.unique().numel() == 3
+    # unloaded, then loaded again from the folder: the same scores
     verifier.unload()
     assert not verifier.loaded
-    assert torch.allclose(verifier.to("cpu").score(batch, "a red cube"), first, atol=1e-6)
+    assert torch.allclose(verifier.to("cpu").score(batch, "a red cube"), first, atol=1e-5)
 
 
 def test_clip_scores_match_clipmodel_outputs(tiny):
@@ -245,6 +244,7 @@ class FakeCodes:
 @dataclass
 class FakeRequest:
     prompt: str
+    needs_reference: bool = False
 
 
 @dataclass
@@ -256,11 +256,14 @@ class FakeSampling:
 class StandInPipeline:
     """Test double of LuminaPipeline's generate/decode contract: candidate i is a fixed demo image."""
 
-    def __init__(self, captions: list[str]) -> None:
+    def __init__(self, captions: list[str], upper: str | None = None) -> None:
         from lumina_core.demo.data import parse_caption, render
 
         rng = np.random.default_rng(0)
         self.pixels = torch.stack([torch.from_numpy(render(parse_caption(c), rng, "white").copy()) for c in captions])
+        if upper is not None:  # dual panel: the same given upper panel above every candidate
+            top = torch.from_numpy(render(parse_caption(upper), rng, "white").copy())
+            self.pixels = torch.cat([top.expand_as(self.pixels), self.pixels], dim=1)
         self.calls = []
 
     def generate(self, request, sampling, progress=None, should_cancel=None):
@@ -295,6 +298,15 @@ def test_best_of_n_picks_the_candidate_that_matches(tiny):
                       FakeSampling(num_images=4), verifiers, weights=weights,
                       score_prompt="a red square in the top right")
     assert other.best_index == 3
+
+
+def test_best_of_n_judges_only_the_generated_panel():
+    captions = ["a blue square in the top left", "a red circle in the bottom right", "a green circle in the center"]
+    pipe = StandInPipeline(captions, upper="a green circle in the center")
+    result = best_of_n(pipe, FakeRequest("a red circle in the bottom right", needs_reference=True),
+                       FakeSampling(num_images=3), [DemoCheckVerifier()])
+    assert result.images.shape == (3, 3, 128, 64)
+    assert result.best_index == 1 and result.scores["demo_check"].tolist() == [0.0, 3.0, 0.0]
 
 
 def test_best_of_n_validates_before_generating(tiny):

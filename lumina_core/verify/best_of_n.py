@@ -66,6 +66,7 @@ def best_of_n(pipe, request, sampling, verifiers: Mapping[str, Verifier] | Seque
 
     score_prompt defaults to request.prompt; when the request holds a ThinkPrompt-refined prompt, pass the
     user's original prompt here (GenEval judges the original; CLIP encoders cut refined prompts at 77 tokens).
+    When the request's upper panel is a given reference, only the generated lower panel is scored.
     """
     n = getattr(sampling, "num_images", 1)
     if n < 1:
@@ -81,7 +82,10 @@ def best_of_n(pipe, request, sampling, verifiers: Mapping[str, Verifier] | Seque
     images = ((decoded.float() + 1) / 2).clamp(0, 1)
     if images.shape[0] != n:
         raise RuntimeError(f"the pipeline returned {images.shape[0]} images for num_images={n}")
-    scores, ranking = score_candidates(images, prompt, named, weights, method)
+    # Tasks whose upper panel is the given reference (subject, edit, control, dense): judge only the
+    # generated lower panel.
+    judged = images[:, :, images.shape[2] // 2:, :] if getattr(request, "needs_reference", False) else images
+    scores, ranking = score_candidates(judged, prompt, named, weights, method)
     logger.info("best-of-%d: candidate %d wins (%s)", n, ranking.best_index,
                 ", ".join(f"{k}={float(v[ranking.best_index]):.4g}" for k, v in scores.items()))
     return BestOfN(best_index=ranking.best_index, images=images.cpu(), order=ranking.order, table=ranking.table,

@@ -30,17 +30,19 @@ VQASCORE_MODELS = {
 
 
 def _read_chat_template(folder: str, tokenizer) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    jinja = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as handle:
-            return handle.read()
+    # The processor's template first: it is the one written for image content (a tokenizer's own
+    # template may be text-only).
     as_json = os.path.join(folder, "chat_template.json")
     if os.path.isfile(as_json):
         with open(as_json, encoding="utf-8") as handle:
             return json.load(handle)["chat_template"]
-    raise ValueError(f"{folder} has no chat template (tokenizer_config.json, chat_template.jinja or chat_template.json)")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as handle:
+            return handle.read()
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise ValueError(f"{folder} has no chat template (chat_template.json, chat_template.jinja or tokenizer_config.json)")
 
 
 class VQAScoreVerifier(Verifier):
