@@ -18,6 +18,13 @@ _PUBLIC = {
     "TASKS": "tasks",
     "resolve_model": "hub",
     "resolve_movqgan": "hub",
+    "refine_prompt": "think",
+    "ThinkConfig": "think",
+    "ThinkResult": "think",
+    "get_verifier": "verify",
+    "rank": "verify",
+    "best_of_n": "verify",
+    "BestOfN": "verify",
     "SamplingConfig": "sampling",
     "LuminaPipeline": "pipeline",
 }
