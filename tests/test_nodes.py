@@ -251,6 +251,7 @@ def test_loader_builds_a_pipeline_on_cpu(tiny_pipe, pack):
     assert tiny_pipe.movqgan is not None and tiny_pipe.tokenizer is not None
 
 
+@pytest.mark.slow
 def test_t2i_chain_outputs_comfy_images(pack, tiny_pipe):
     request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 64, 32, "a red fox", "official")["result"]
     codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)

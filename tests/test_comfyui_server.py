@@ -1,0 +1,364 @@
+"""End-to-end in a real ComfyUI server on CPU (marker ``comfyui``; runs only when COMFYUI_PATH is set).
+
+    COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/comfy/venv/bin/python] \
+        python -m pytest -m comfyui tests/test_comfyui_server.py
+
+The server starts with ``--cpu`` in a temporary base directory holding a tiny official-format
+checkpoint as ``models/lumina_mgpt2/Lumina-mGPT-2.0`` (the folder name of the official repo, so the
+workflows run as shipped), ComfyUI's example.png as the input image, and this repository linked as a
+custom node. Every API twin of workflows/ is queued with only its sizes shrunk (tiny model, CPU),
+ThinkPrompt pointed at a closed local port (it falls back to the prompt) and best-of-N set to the
+pixel verifier; each must finish with a saved image. Progress, previews and cancel are watched on the
+websocket.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+API_DIR = REPO / "tests" / "workflows_api"
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+if not COMFYUI:
+    pytest.skip("COMFYUI_PATH is not set (a ComfyUI checkout to run the workflows in)", allow_module_level=True)
+
+DEMO_CAPTION = "a red circle in the top left"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ComfyUI server process with a tiny base directory, and a small HTTP client for it."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        self.log = open(base / "server.log", "w")
+        self.process = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-api-nodes",
+             "--base-directory", str(base), "--preview-method", "auto"],
+            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.read_log()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start: {self.read_log()[-3000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return (self.base / "server.log").read_text(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                text = r.read()
+                return r.status, (json.loads(text) if text else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def queue(self, prompt: dict, client_id: str = "") -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish; log:\n{self.read_log()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+class WebSocket:
+    """Just enough of RFC 6455 to read ComfyUI's events (text JSON and binary preview frames)."""
+
+    def __init__(self, port: int, client_id: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        header = b""
+        while b"\r\n\r\n" not in header:
+            header += self.sock.recv(1)
+        assert b" 101 " in header.split(b"\r\n")[0], header
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def receive(self) -> tuple[int, bytes]:
+        first, second = self._exact(2)
+        opcode, length = first & 0x0F, second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self._exact(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self._exact(8))[0]
+        return opcode, self._exact(length)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    sys.path.insert(0, str(REPO))
+    from lumina_core.tiny import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("custom_nodes", "input", "output", "models/lumina_mgpt2"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    os.symlink(REPO, base / "custom_nodes" / "lumina_mgpt2")
+    write_tiny_checkpoint(base / "models" / "lumina_mgpt2" / "Lumina-mGPT-2.0", words=DEMO_CAPTION)
+    shutil.copy(Path(COMFYUI) / "input" / "example.png", base / "input" / "example.png")
+    srv = Server(base)
+    yield srv
+    srv.stop()
+
+
+def shrink(prompt: dict) -> dict:
+    """Tiny sizes for the tiny model on CPU; nothing else changes except offline stand-ins."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "LuminaMGPT2DualPanelComposer":
+            dual = inputs["task"] != "t2i"
+            inputs["width"], inputs["height"] = (32, 64) if dual else (32, 32)
+        if node["class_type"] == "LuminaMGPT2ARSamplerSJD":
+            inputs["top_k"] = 16
+        if node["class_type"] == "LuminaMGPT2ThinkPrompt":
+            inputs["endpoint"] = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: falls back
+        if node["class_type"] == "LuminaMGPT2VerifierBestOfN":
+            inputs["verifiers"], inputs["prompt"] = "demo_check", DEMO_CAPTION
+    return prompt
+
+
+def test_server_lists_the_pack(server):
+    info = server.get("/object_info")
+    ours = sorted(k for k in info if k.startswith("LuminaMGPT2"))
+    assert len(ours) == 6
+    models = info["LuminaMGPT2Loader"]["input"]["required"]["model"][0]
+    assert models[0] == "Lumina-mGPT-2.0" and "Alpha-VLLM/Lumina-mGPT-2.0" in models
+    assert "lumina_mgpt2" in server.get("/models")
+    assert "lumina_mgpt2.js" in json.dumps(server.get("/extensions"))
+    assert "lumina_mgpt2" in server.get("/workflow_templates")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in API_DIR.glob("*.json")))
+def test_workflow_runs_to_an_image(server, name):
+    prompt = shrink(json.loads((API_DIR / name).read_text()))
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    saved = [img for node_id, out in entry["outputs"].items() if prompt[node_id]["class_type"] == "SaveImage"
+             for img in out.get("images", [])]
+    assert saved, entry["outputs"]
+    for image in saved:
+        path = server.base / "output" / image["subfolder"] / image["filename"]
+        assert path.is_file() and path.stat().st_size > 0
+
+
+def test_progress_previews_and_cancel(server):
+    prompt = json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text())
+    composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
+    composer["inputs"]["width"], composer["inputs"]["height"] = 64, 256   # 32 rows
+    sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")
+    prompt[sampler_id]["inputs"]["top_k"] = 16
+    client = uuid.uuid4().hex
+    ws = WebSocket(server.port, client)
+    try:
+        # Full run: progress once per row, previews as binary frames.
+        prompt_id = server.queue(prompt, client)
+        rows, previews = [], 0
+        while True:
+            opcode, data = ws.receive()
+            if opcode == 2:
+                previews += 1
+                continue
+            event = json.loads(data)
+            data_ = event.get("data", {})
+            if data_.get("prompt_id") not in (None, prompt_id):
+                continue
+            if event["type"] == "progress" and data_.get("node") == sampler_id:
+                rows.append(data_["value"])
+                assert data_["max"] == 32
+            if event["type"] == "executing" and data_.get("node") is None:
+                break
+            if event["type"] in ("execution_error", "execution_interrupted"):
+                pytest.fail(json.dumps(event))
+        assert rows[-1] == 32 and len(set(rows)) >= 30
+        assert previews >= 1
+
+        # Cancel: another seed, interrupt after a few rows; the sampler stops within a row.
+        prompt[sampler_id]["inputs"]["seed"] = 1
+        prompt_id = server.queue(prompt, client)
+        seen_after_interrupt, interrupted_at = [], None
+        while True:
+            opcode, data = ws.receive()
+            if opcode == 2:
+                continue
+            event = json.loads(data)
+            data_ = event.get("data", {})
+            if event["type"] == "progress" and data_.get("node") == sampler_id:
+                if interrupted_at is None and data_["value"] >= 4:
+                    interrupted_at = data_["value"]
+                    server.post("/interrupt", {})
+                elif interrupted_at is not None:
+                    seen_after_interrupt.append(data_["value"])
+            if event["type"] == "execution_interrupted":
+                break
+            if event["type"] == "executing" and data_.get("node") is None and data_.get("prompt_id") == prompt_id:
+                pytest.fail("the run finished although it was cancelled")
+        assert interrupted_at is not None and len(seen_after_interrupt) <= 1
+        entry = server.wait(prompt_id)
+        assert entry["status"]["status_str"] == "error"
+        # The server is still usable and "Unload models" works afterwards.
+        assert server.post("/free", {"unload_models": True})[0] == 200
+    finally:
+        ws.close()
+
+
+def test_bad_inputs_are_refused_with_reasons(server):
+    prompt = shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))
+    loader = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2Loader")
+    for evil in ("../../etc", "/etc/passwd", "evil/Lumina-mGPT-2.0"):
+        loader["inputs"]["model"] = evil
+        status, body = server.post("/prompt", {"prompt": prompt})
+        assert status == 400 and "value_not_in_list" in json.dumps(body)
+    composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
+    loader["inputs"]["model"] = "Alpha-VLLM/Lumina-mGPT-2.0"
+    composer["inputs"]["width"] = 33
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 400 and "multiples of 32" in json.dumps(body)
+    # A model that is not there: the error names the folder and the files to place.
+    composer["inputs"]["width"] = 32
+    loader["inputs"]["model"] = "Alpha-VLLM/Lumina-mGPT-2.0-Omni"
+    entry = server.wait(server.queue(prompt))
+    text = json.dumps(entry["status"]["messages"])
+    assert entry["status"]["status_str"] == "error"
+    assert "lumina_mgpt2" in text and "Lumina-mGPT-2.0-Omni" in text and "config.json" in text
+
+
+UI_DIR = REPO / "workflows"
+SCREENSHOT = os.environ.get("LUMINA_SCREENSHOT", "")
+
+
+def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not chromium:
+        pytest.skip("no Chromium on PATH (apt-get install chromium)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("browser_cdp", REPO / "tests" / "browser_cdp.py")
+    cdp_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cdp_module)
+    process, cdp = cdp_module.launch(chromium)
+    try:
+        cdp.call("Page.navigate", url=server.url)
+        deadline = time.time() + 120
+        while not cdp.evaluate("!!(window.app && window.app.graph && window.luminaMGPT2 && "
+                               "window.LiteGraph && LiteGraph.registered_node_types['LuminaMGPT2Loader'])"):
+            assert time.time() < deadline, cdp.errors()
+            time.sleep(1)
+        boot_errors = cdp.errors()
+        cdp.events.clear()
+        for path in sorted(UI_DIR.glob("*.json")):
+            workflow = path.read_text()
+            result = cdp.evaluate(f"""(async () => {{
+                const wf = {workflow};
+                await app.loadGraphData(wf, true, true, {json.dumps(path.stem)});
+                const nodes = app.graph._nodes;
+                const unknown = nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type);
+                const out = (await app.graphToPrompt()).output;
+                return {{count: nodes.length, unknown, prompt: out}};
+            }})()""")
+            assert result["unknown"] == [], path.name
+            assert result["count"] == len(json.loads(workflow)["nodes"]), path.name
+            twin = json.loads((API_DIR / path.name).read_text())
+            strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+            assert strip(result["prompt"]) == strip(twin), path.name  # our converter == the frontend's
+        assert cdp.errors() == [], cdp.errors()
+
+        # The resolution picker writes the size widgets (t2i, then a dual-panel task).
+        picked = cdp.evaluate("""(async () => {
+            const res = [];
+            for (const task of ["t2i", "dense_depth"]) {
+              const node = app.graph._nodes.find(n => n.type === "LuminaMGPT2DualPanelComposer");
+              const w = name => node.widgets.find(x => x.name === name);
+              w("task").value = task; w("task").callback?.(task);
+              const picker = w("resolution");
+              const label = picker.options.values.find(v => v.startsWith(task === "t2i" ? "640×480" : "384×768"));
+              picker.value = label; picker.callback(label);
+              w("width").value = 100; w("width").callback(100);   // snapped to the 32 px grid
+              res.push({task, label, width: w("width").value, height: w("height").value,
+                        tokens: w("tokens").value, choices: picker.options.values.length});
+            }
+            return res;
+        })()""")
+        assert picked[0]["label"].startswith("640×480") and picked[0]["height"] == 480
+        assert picked[0]["width"] == 96  # 100 snapped to the grid after the pick
+        assert picked[1]["height"] == 768 and "dual panel" in picked[1]["tokens"]
+        assert all(p["choices"] > 10 for p in picked)
+
+        # Screenshot of the t2i + best-of-N workflow with the nodes in view.
+        cdp.evaluate(f"""(async () => {{
+            await app.loadGraphData({(UI_DIR / 'lumina_mgpt2_t2i_think_best_of_n.json').read_text()}, true, true, "shot");
+            app.canvas.ds.scale = 0.62; app.canvas.ds.offset = [40, 520]; app.canvas.setDirty(true, true);
+        }})()""")
+        time.sleep(2)
+        shot = cdp.call("Page.captureScreenshot", format="png")["data"]
+        target = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "lumina_nodes.png"
+        target.write_bytes(base64.b64decode(shot))
+        assert target.stat().st_size > 10000
+        assert cdp.errors() == [], cdp.errors()
+        print("boot console errors (not from the pack):", [e for e in boot_errors if "lumina" not in e.lower()])
+        assert not [e for e in boot_errors if "lumina" in e.lower()], boot_errors
+    finally:
+        process.kill()
