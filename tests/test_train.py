@@ -236,3 +236,82 @@ def test_fit_from_config_without_checkpoint(setup, tmp_path):
     assert set(log) == {1, 2} and all(np.isfinite(r["loss"]) for r in log.values())
     state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data_position"] == 2 and state["model_config"]["dropout"] == 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: SIGTERM and torchrun (slow: each starts fresh Python processes)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_args(opts: FitOptions) -> list[str]:
+    args = ["--data", opts.data, "--out", opts.out, "--init-from", opts.init_from, "--steps", str(opts.steps),
+            "--lr", str(opts.lr), "--min-lr", str(opts.min_lr), "--warmup-steps", str(opts.warmup_steps),
+            "--micro-batch", str(opts.micro_batch), "--accum", str(opts.accum), "--max-seq-len", str(opts.max_seq_len),
+            "--dropout", str(opts.dropout), "--precision", opts.precision, "--save-every", str(opts.save_every),
+            "--uncond-prob", str(opts.uncond_prob), "--seed", str(opts.seed), "--device", "cpu"]
+    return args
+
+
+def child_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_continues_exactly(setup, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    opts = fit_options(setup, tmp_path / "killed", steps=500)
+    proc = subprocess.Popen([sys.executable, "-m", "lumina_core.train", "fit", *cli_args(opts)], env=child_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "interrupted, checkpoint saved" in output
+    ckpt = latest_checkpoint(tmp_path / "killed")
+    stopped = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped < 500 and max(read_log(tmp_path / "killed")) == stopped
+    # Resume for two more steps; a straight run to the same step must agree.
+    fit(fit_options(setup, tmp_path / "killed", steps=500, stop_after=2))
+    fit(fit_options(setup, tmp_path / "straight", steps=500, stop_after=stopped + 2))
+    a, b = read_log(tmp_path / "killed"), read_log(tmp_path / "straight")
+    for step in range(1, stopped + 3):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(setup, tmp_path):
+    import subprocess
+    import sys
+
+    common = dict(steps=4, micro_batch=1, dropout=0.0, warmup_steps=1)
+    single = fit_options(setup, tmp_path / "single", accum=2, **common)
+    fit(single)
+    double = fit_options(setup, tmp_path / "fsdp", accum=1, **common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lumina_core.train", "fit", *cli_args(double)]
+    done = subprocess.run(cmd, env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = read_log(tmp_path / "single"), read_log(tmp_path / "fsdp")
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+    assert a[4]["loss"] < a[1]["loss"]
+    wa = load_file(str(latest_checkpoint(tmp_path / "single") / MODEL_FILE))
+    wb = load_file(str(latest_checkpoint(tmp_path / "fsdp") / MODEL_FILE))
+    assert set(wa) == set(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch"] == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -111,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, stop_after=args.stop_after)
         try:
             result = fit(opts)
-        finally:
-            shutdown_distributed()
+        except BaseException:
+            shutdown_distributed(clean=False)
+            raise
+        shutdown_distributed()
         state = "interrupted, checkpoint saved" if result.interrupted else "done"
-        print(f"fit: step {result.step}/{result.total_steps} ({state}); checkpoint {result.checkpoint}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fit: step {result.step}/{result.total_steps} ({state}); checkpoint {result.checkpoint}")
         return 0
     if args.command == "export":
         from .checkpoint import export_official

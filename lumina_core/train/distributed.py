@@ -49,10 +49,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down (no-op for a single process)."""
+def shutdown_distributed(clean: bool = True) -> None:
+    """Tear the process group down (no-op for a single process); `clean=False` after an error skips the barrier."""
     if dist.is_initialized():
-        dist.barrier()  # nobody leaves while a peer still talks to it (gloo aborts on a closed peer)
+        if clean:
+            dist.barrier()  # nobody leaves while a peer still talks to it (gloo aborts on a closed peer)
         dist.destroy_process_group()
 
 
