@@ -188,10 +188,15 @@ def test_loss_falls(straight_run):
 
 def test_resume_is_exact(setup, straight_run, tmp_path):
     out, _ = straight_run
-    first = fit(fit_options(setup, tmp_path, stop_after=3))
+    # Image samples on the way must not disturb the training RNG streams either.
+    samples = dict(sample_every=3, sample_size=32, sample_prompt="red fox")
+    first = fit(fit_options(setup, tmp_path, stop_after=3, **samples))
     assert first.step == 3 and latest_checkpoint(tmp_path).name == "step_0000003"
-    second = fit(fit_options(setup, tmp_path))
+    second = fit(fit_options(setup, tmp_path, **samples))
     assert second.step == 6
+    pngs = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert pngs == ["step_0000003.png", "step_0000006.png"]
+    assert Image.open(tmp_path / "samples" / pngs[0]).size == (32, 32)
     straight, resumed = read_log(out), read_log(tmp_path)
     for step in range(1, 7):
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-6), step
@@ -212,6 +217,8 @@ def test_export_loads_with_identical_logits(setup, straight_run, tmp_path):
     assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "chameleon" and config["torch_dtype"] == "float32"
+    vocab = load_text_tokenizer(setup["model"]).get_vocab()
+    assert config["vocabulary_map"] == vocab and config["dropout"] == 0.1
     model = load_transformer(folder, dtype=torch.float32)
     reference = build_transformer(model.config)
     reference.load_state_dict(trained, strict=True)

@@ -59,7 +59,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--sample-every", type=int, default=0, help="write an image sample every K steps (0: never)")
     p.add_argument("--sample-prompt", default="a photo")
-    p.add_argument("--sample-size", type=int, default=256)
+    p.add_argument("--sample-size", type=int, default=256, help="side of the square sample image (px)")
+    p.add_argument("--movqgan", default=None, help="MoVQGAN .ckpt for samples (default: movqgan*.ckpt in --init-from)")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out), never, or a checkpoint folder")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--stop-after", type=int, default=None, help="leave after this many steps of this invocation")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, precision=args.precision,
             grad_checkpointing=not args.no_grad_checkpointing, loss_chunk=args.loss_chunk, seed=args.seed,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
-            sample_prompt=args.sample_prompt, sample_size=args.sample_size, resume=args.resume,
+            sample_prompt=args.sample_prompt, sample_size=args.sample_size, movqgan=args.movqgan, resume=args.resume,
             device=args.device, stop_after=args.stop_after)
         try:
             result = fit(opts)

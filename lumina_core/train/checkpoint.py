@@ -243,9 +243,6 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
             stale.unlink()
     _atomic_write_text(out / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
-    hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write_text(out / "config.json", json.dumps(hf, indent=2))
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else (
         Path(state["tokenizer_dir"]) if state.get("tokenizer_dir") else None)
     if tok is None or not (tok / "tokenizer.json").is_file():
@@ -253,7 +250,28 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
     for name in TOKENIZER_FILES:
         if (tok / name).is_file():
             shutil.copy2(tok / name, out / name)
+    _atomic_write_text(out / "config.json", json.dumps(_official_config(config, state, tok, dtype), indent=2))
     return out
+
+
+def _official_config(config: ModelConfig, state: dict[str, Any], tokenizer_dir: Path, dtype: torch.dtype) -> dict:
+    """config.json: the starting checkpoint's fields (vq_config, ...) updated with ours, plus vocabulary_map.
+
+    The official sampler finds the image tokens through `vocabulary_map` (names starting with
+    "<MOVQGAN"), so it is written from the tokenizer when the starting config had none.
+    """
+    base: dict[str, Any] = {}
+    init_from = (state.get("options") or {}).get("init_from")
+    if init_from and (Path(init_from) / "config.json").is_file():
+        base = json.loads((Path(init_from) / "config.json").read_text(encoding="utf-8"))
+    base.update(config.to_hf_dict())
+    base["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if not base.get("vocabulary_map"):
+        from ..tokens import load_text_tokenizer
+
+        vocab = load_text_tokenizer(tokenizer_dir).get_vocab()
+        base["vocabulary_map"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    return base
 
 
 def _official_order(name: str) -> tuple[int, int, str]:

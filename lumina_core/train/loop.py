@@ -112,6 +112,7 @@ class FitOptions:
     sample_every: int = 0
     sample_prompt: str = "a photo"
     sample_size: int = 256
+    movqgan: str | None = None            # MoVQGAN .ckpt for samples (default: movqgan*.ckpt in --init-from)
     resume: str = "auto"                  # "auto", "never" or a checkpoint folder
     device: str | None = None
     stop_after: int | None = None         # leave after this many steps (for tests and time-boxed jobs)
@@ -315,7 +316,7 @@ def fit(opts: FitOptions) -> FitResult:
                             total_steps, record["loss"], record["ce"], record["z"], lr, record["grad_norm"],
                             record["tokens_per_s"])
             if opts.sample_every and step % opts.sample_every == 0:
-                write_samples(module, cfg, opts, info, tokenizer_dir, step)
+                write_samples(module, opts, info, tokenizer_dir, step)
             stop = any_rank(stopper.requested, info)
             if stop or step % opts.save_every == 0 or step == end_step:
                 saved = save_checkpoint(out, module, optimizer, scheduler, trainer_state(), info, opts.keep)
@@ -328,7 +329,45 @@ def fit(opts: FitOptions) -> FitResult:
                      checkpoint=str(saved) if saved else None)
 
 
-def write_samples(module: TrainingModule, cfg: ModelConfig, opts: FitOptions, info: DistInfo,
-                  tokenizer_dir: str | None, step: int) -> None:
-    """Generate one image with the current weights into `<out>/samples/step_N.png` (needs the sampler)."""
-    logger.warning("image samples need lumina_core.pipeline, which is not available yet; skipping")
+def write_samples(module: TrainingModule, opts: FitOptions, info: DistInfo, tokenizer_dir: str | None,
+                  step: int) -> Path | None:
+    """Sample one image with the current weights into `<out>/samples/step_NNNNNNN.png` (collective under FSDP).
+
+    Goes through `LuminaPipeline.generate` (the inference sampler) with the live transformer; under
+    FSDP every rank runs the same seeded decode, the root parameters gathered for its duration.
+    """
+    from ..images import tensor_to_pil
+    from ..movqgan import load_movqgan
+    from ..pipeline import LuminaPipeline, find_movqgan
+    from ..request import Request
+    from ..sampling import SamplingConfig
+    from ..tokens import TokenLayout, load_text_tokenizer
+
+    if tokenizer_dir is None:
+        raise ValueError("image samples need the tokenizer; the data folder has no tokenizer/ copy")
+    movq_path = Path(opts.movqgan) if opts.movqgan else find_movqgan(Path(opts.init_from or opts.data))
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    pipe = LuminaPipeline(module.transformer, load_movqgan(movq_path, device=info.device), tokenizer,
+                          TokenLayout.from_tokenizer(tokenizer))
+    request = Request(task="t2i", prompt=opts.sample_prompt, width=opts.sample_size, height=opts.sample_size)
+    sharded = hasattr(module, "unshard")
+    module.eval()
+    try:
+        if sharded:
+            module.unshard()
+        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []), \
+                torch.autocast(device_type=info.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+            codes = pipe.generate(request, SamplingConfig(seed=opts.seed))
+        image = pipe.decode(codes)[0]
+    finally:
+        if sharded:
+            module.reshard()
+        module.train()
+    if not info.is_main:
+        return None
+    folder = Path(opts.out) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.png"
+    tensor_to_pil(image.float().cpu()).save(path)
+    logger.info("sample written to %s", path)
+    return path
