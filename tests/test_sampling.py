@@ -173,3 +173,18 @@ def test_progress_once_per_row_and_cancel():
     with pytest.raises(GenerationCancelled):
         decode_ar(model, spec, SamplingConfig(cfg=2.0), [0], should_cancel=cancel)
     assert len(checks) == 2
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_images():
+    from lumina_core.quant import compile_step
+    from lumina_core.sampling.sjd import decode_sjd
+
+    model = tiny_model()
+    spec = spec_for(rows=3, cols=3)
+    step = compile_step(model)
+    plain = SamplingConfig(cfg=3.0, top_k=4, seed=1, num_images=2)
+    assert torch.equal(decode_ar(model, spec, plain, plain.seeds)[0],
+                       decode_ar(model, spec, plain, plain.seeds, step_fn=step)[0])
+    sjd = SamplingConfig(cfg=3.0, top_k=4, seed=1, num_images=2, sjd=True, sjd_window=4)
+    assert torch.equal(decode_sjd(model, spec, sjd, sjd.seeds)[0], decode_sjd(model, spec, sjd, sjd.seeds, step_fn=step)[0])
