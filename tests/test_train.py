@@ -300,17 +300,26 @@ def test_sigterm_saves_then_resume_continues_exactly(setup, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(setup, tmp_path):
+    """2 FSDP ranks x micro-batch 1 == 1 process x 2 accumulation steps; then the 2-rank checkpoint resumes on 1."""
     import subprocess
     import sys
 
-    common = dict(steps=4, micro_batch=1, dropout=0.0, warmup_steps=1)
-    single = fit_options(setup, tmp_path / "single", accum=2, **common)
-    fit(single)
+    common = dict(steps=4, micro_batch=1, dropout=0.0, warmup_steps=1, save_every=2)
+    fit(fit_options(setup, tmp_path / "single", accum=2, **common))
     double = fit_options(setup, tmp_path / "fsdp", accum=1, **common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lumina_core.train", "fit", *cli_args(double)]
+           "-m", "lumina_core.train", "fit", *cli_args(double), "--stop-after", "2"]
     done = subprocess.run(cmd, env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "trainer_state.json").read_text())
+    assert (state["step"], state["world_size"], state["global_batch"]) == (2, 2, 2)
+    weights = {}
+    for name in ("single", "fsdp"):
+        weights[name] = load_file(str(tmp_path / name / "checkpoints" / "step_0000002" / MODEL_FILE))
+    wa, wb = weights["single"], weights["fsdp"]
+    assert set(wa) == set(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Steps 3-4: the 2-rank checkpoint continues in one process with the same global batch.
+    fit(fit_options(setup, tmp_path / "fsdp", accum=2, **common))
     a, b = read_log(tmp_path / "single"), read_log(tmp_path / "fsdp")
     assert set(a) == set(b) == {1, 2, 3, 4}
     for step in a:
@@ -319,6 +328,4 @@ def test_torchrun_two_processes_match_one_process(setup, tmp_path):
     assert a[4]["loss"] < a[1]["loss"]
     wa = load_file(str(latest_checkpoint(tmp_path / "single") / MODEL_FILE))
     wb = load_file(str(latest_checkpoint(tmp_path / "fsdp") / MODEL_FILE))
-    assert set(wa) == set(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["global_batch"] == 2
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
