@@ -26,6 +26,8 @@ _PUBLIC = {
     "best_of_n": "verify",
     "BestOfN": "verify",
     "SamplingConfig": "sampling",
+    "GenerationCancelled": "sampling",
+    "GeneratedCodes": "pipeline",
     "LuminaPipeline": "pipeline",
 }
 
