@@ -108,6 +108,8 @@ def test_iter_samples_mixes_tasks_and_write_dataset(tmp_path):
     records = json.loads(path.read_text())
     assert len(records) == 6
     for record in records:
-        image = Image.open(record["image_path"])
-        assert image.size == (record["width"], record["height"])
-        assert record["caption"] in record["prompt"]
+        panels = [Image.open(tmp_path / record["image"])]
+        if record["task"] != "t2i":
+            panels.append(Image.open(tmp_path / record["second_image"]))
+        assert all(p.size == (record["width"], record["height"] // len(panels)) for p in panels)
+        assert data.parse_caption(record["prompt"])

@@ -308,9 +308,12 @@ def iter_samples(captions: Sequence[Caption], seed: int, task_mix: dict[str, flo
 
 def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, captions: Sequence[Caption] | None = None,
                   task_mix: dict[str, float] | None = None) -> Path:
-    """Write ``count`` samples as PNG files plus ``records.json`` (image_path, prompt, task, caption); return its path.
+    """Write ``count`` samples as PNG panels plus ``records.json`` in the ``train prepare`` format; return its path.
 
-    Each record's ``prompt`` is the full task prompt (template filled in); ``caption`` is the bare caption.
+    Each record: ``task``, ``prompt`` (the bare caption; ``prepare`` fills the task template),
+    ``image`` (whole image, or the upper panel), ``second_image`` (lower panel of dual-panel tasks),
+    ``width``/``height`` (full image) and ``caption`` (same as prompt, kept for evaluation).
+    Paths are relative to the folder.
     """
     folder = Path(folder)
     images = folder / "images"
@@ -319,10 +322,16 @@ def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, captions
         captions = split_captions()[0]
     records = []
     for i, sample in zip(range(count), iter_samples(captions, seed, task_mix)):
-        path = images / f"{i:07d}.png"
-        Image.fromarray(sample.image, "RGB").save(path)
-        records.append({"image_path": str(path.resolve()), "prompt": sample.prompt_text(), "task": sample.task,
-                        "caption": sample.caption.text(), "width": sample.width, "height": sample.height})
+        record = {"task": sample.task, "prompt": sample.caption.text(), "caption": sample.caption.text(),
+                  "width": sample.width, "height": sample.height}
+        if sample.task == "t2i":
+            record["image"] = f"images/{i:07d}.png"
+            Image.fromarray(sample.image, "RGB").save(folder / record["image"])
+        else:
+            record["image"], record["second_image"] = f"images/{i:07d}_upper.png", f"images/{i:07d}_lower.png"
+            Image.fromarray(np.ascontiguousarray(sample.upper), "RGB").save(folder / record["image"])
+            Image.fromarray(np.ascontiguousarray(sample.lower), "RGB").save(folder / record["second_image"])
+        records.append(record)
     target = folder / "records.json"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".records.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
