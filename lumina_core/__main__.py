@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="Alpha-VLLM/Lumina-mGPT-2.0", help="checkpoint folder or Hugging Face repo id")
     g.add_argument("--movqgan", default=None, help="path of movqgan_270M.ckpt (default: in the model folder or hub)")
     g.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="the prompt (or --prompts FILE for a batch)")
     g.add_argument("--task", default="t2i", choices=sorted(TASKS))
     g.add_argument("--template", default="official", choices=["official", "paper"])
     g.add_argument("--width", type=int, default=None, help="full output width (default: the task's)")
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--output", default="outputs", help="folder for the PNGs")
+    from .batch import add_batch_arguments
+
+    add_batch_arguments(g)  # --prompts FILE and the batch-only options (lumina_core/batch.py)
     return parser
 
 
@@ -114,7 +117,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "generate" and args.prompts:
+            from .batch import batch_command
+
+            summary = batch_command(args)
+            return 0 if summary.complete else 1
         if args.command == "generate":
+            if args.prompt is None:
+                parser.error("generate needs --prompt TEXT (one prompt) or --prompts FILE (a batch)")
             generate_command(args)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")

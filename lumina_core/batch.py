@@ -38,8 +38,8 @@ from .request import Request
 from .tasks import get_task
 
 LAYOUTS = ("plain", "geneval", "dpg", "pairs")
-# Images per prompt the benchmarks score; used when neither the run nor the item says otherwise.
-LAYOUT_DEFAULT_IMAGES = {"plain": 1, "geneval": 4, "dpg": 4, "pairs": 1}
+# Images per prompt the benchmark scorers expect (GenEval: 4 samples; DPG-Bench: a 2x2 grid).
+BENCHMARK_IMAGES = {"geneval": 4, "dpg": 4}
 MANIFEST = "manifest.jsonl"
 PAIRS_INDEX = "pairs.jsonl"
 SUMMARY = "summary.json"
@@ -472,10 +472,10 @@ def init_distributed() -> RankInfo:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        # gloo even on GPUs: the only collectives are two barriers and one small object gather, which
-        # gloo does over TCP without binding ranks to CUDA devices. The timeout is long because the
-        # final barrier waits for the slowest rank's last items (torchrun kills survivors if a rank dies).
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=48))
+        # gloo even on GPUs: the only collectives are barriers and one small object gather, which gloo
+        # does over TCP without binding ranks to CUDA devices. The default timeout (30 min) bounds the
+        # rendezvous; only the barrier after the last items waits longer (see _barrier).
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
 
 
@@ -488,11 +488,19 @@ def rank_device(info: RankInfo) -> str:
     return "cpu"
 
 
-def _barrier(info: RankInfo) -> None:
+# Ranks finish their shares at different times; the slowest may run hours after the fastest
+# (torchrun tears the job down if a rank dies, so this wait does not outlive a crash).
+FINISH_TIMEOUT = datetime.timedelta(hours=72)
+
+
+def _barrier(info: RankInfo, timeout: Optional[datetime.timedelta] = None) -> None:
     if info.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        if timeout is None:
+            dist.barrier()
+        else:
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
 
 
 def _gather(info: RankInfo, value: Any) -> list[Any]:
@@ -604,6 +612,25 @@ class BatchOptions:
         return {"sampling": sampling, "think": think, "best_of": self.best_of, **dict(self.settings)}
 
 
+def verifier_scorer(names: Sequence[str], device: str = "cpu", weights: Optional[Mapping[str, float]] = None,
+                    method: str = "rank", **verifier_kwargs: Any) -> Scorer:
+    """A best-of-N scorer from ``lumina_core.verify`` verifiers by name (combined score, higher is better)."""
+    import numpy as np
+    import torch
+
+    from .verify import get_verifier, score_candidates
+
+    verifiers = {name: get_verifier(name, device=device, **verifier_kwargs) for name in names}
+
+    def score(images: Sequence[Image.Image], prompt: str) -> list[float]:
+        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+                              .permute(2, 0, 1) for im in images])
+        _, ranking = score_candidates(pixels, prompt, verifiers, weights, method)
+        return [float(v) for v in ranking.combined]
+
+    return score
+
+
 def _load_reference(item: BatchItem) -> Optional[Image.Image]:
     if item.reference is None:
         return None
@@ -636,7 +663,13 @@ def generate_item(pipeline: Any, item: BatchItem, options: BatchOptions) -> tupl
     if options.best_of > 1:
         if options.scorer is None:
             raise ValueError("best_of > 1 needs a scorer (a verifier) to rank the candidates")
-        scores = [float(s) for s in options.scorer(images, prompt)]
+        # Judge what was asked (the original prompt: GenEval scores that one, and CLIP-style encoders cut
+        # long refined prompts) and only what was generated (the lower panel when the upper is given).
+        judged = [im.crop((0, im.height // 2, im.width, im.height)) for im in images] \
+            if request.needs_reference else images
+        scores = [float(s) for s in options.scorer(judged, item.prompt)]
+        if len(scores) != len(images):
+            raise ValueError(f"the scorer returned {len(scores)} scores for {len(images)} candidates")
         order = sorted(range(len(images)), key=lambda n: -scores[n])[: item.num_images]
         facts["candidate_scores"] = scores
         facts["candidate_seeds"] = seeds
@@ -728,7 +761,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
 
     mine_summary = {"generated": generated, "images": images_done, "seconds": seconds, "failures": failures,
                     "wall": time.perf_counter() - started}
-    _barrier(info)
+    _barrier(info, FINISH_TIMEOUT)
     gathered = _gather(info, mine_summary)
     summary = BatchSummary(items=len(items), bad_lines=bad, skipped_done=len(items) - len(pending),
                            world_size=info.world_size, out_dir=str(out))
@@ -742,4 +775,95 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
     if info.rank == 0:
         merge_manifests(out, options.layout)
         _atomic_write(out / SUMMARY, lambda h: h.write(json.dumps(summary.to_dict(), indent=2).encode()))
+    # Every rank returns once the merged manifest exists, and no rank tears the group down under rank 0.
+    _barrier(info)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (``python -m lumina_core generate --prompts FILE ...``)
+# ---------------------------------------------------------------------------------------------
+
+def add_batch_arguments(parser: Any) -> None:
+    """Add the batch options to the ``generate`` parser (the sampling options are shared with one prompt)."""
+    parser.add_argument("--prompts", default=None,
+                        help="prompt file: text (a prompt a line) or JSONL (prompt, task, size, reference, seed, "
+                             "images, id, template, subject; other fields kept). Runs under torchrun too")
+    parser.add_argument("--layout", default="plain", choices=LAYOUTS,
+                        help="plain: <key>_<n>.png; geneval: <index>/metadata.jsonl + samples/<n>.png; "
+                             "dpg: <id>.png 2x2 grid; pairs: upper/ and lower/ panels + pairs.jsonl")
+    parser.add_argument("--best-of", type=int, default=1, help="candidates per kept image, ranked by --verifier")
+    parser.add_argument("--verifier", action="append", default=None,
+                        help="verifier for --best-of (repeatable): vqascore, aesthetic, pickscore, clipscore, "
+                             "demo_check")
+    parser.add_argument("--think", action="store_true", help="refine each prompt with an LLM first")
+    parser.add_argument("--think-model", default="gpt-4o", help="LLM for --think")
+    parser.add_argument("--think-base-url", default="", help="OpenAI-compatible endpoint for --think")
+    parser.add_argument("--no-progress", action="store_true", help="no per-rank progress bars")
+
+
+def _device_for(requested: Optional[str], info: RankInfo) -> str:
+    """--device as given, except that under several ranks 'cuda' (or nothing) means this rank's GPU."""
+    if requested in (None, "cuda"):
+        return rank_device(info) if requested is None or info.world_size > 1 else "cuda"
+    return requested
+
+
+def batch_command(args: Any) -> BatchSummary:
+    """Run ``generate --prompts``: parse, shard over torchrun ranks, generate, merge; print the summary on rank 0."""
+    import torch
+
+    from .sampling import SamplingConfig
+
+    if getattr(args, "reference", None):
+        raise ValueError("--reference is per item in batch mode: give a 'reference' field in the JSONL prompt file")
+    if args.best_of > 1 and not args.verifier:
+        raise ValueError("--best-of needs at least one --verifier to rank the candidates, e.g. --verifier vqascore")
+    spec = get_task(args.task)
+    defaults = ItemDefaults(task=args.task, width=args.width or spec.default_width,
+                            height=args.height or spec.default_height, seed=args.seed, num_images=args.num_images,
+                            template=args.template)
+    expected = BENCHMARK_IMAGES.get(args.layout)
+    if expected and args.num_images != expected:
+        print(f"note: the {args.layout} scorer expects {expected} images per prompt; this run makes "
+              f"{args.num_images} (--num-images)", file=sys.stderr)
+    sampling = SamplingConfig(cfg=args.cfg, guidance=args.guidance, top_k=args.top_k, temperature=args.temperature,
+                              sjd=args.sjd, sjd_window=args.sjd_window, sjd_coupled=args.coupled,
+                              seed=args.seed, num_images=args.num_images)
+    think = None
+    if args.think:
+        from .think import ThinkConfig
+
+        think = ThinkConfig(base_url=args.think_base_url, model=args.think_model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype] if args.dtype else None
+    settings = {"model": str(args.model), "dtype": args.dtype, "quant": args.quant,
+                "verifiers": list(args.verifier or []) if args.best_of > 1 else []}
+    info = init_distributed()
+    scorer_box: dict[str, Scorer] = {}
+
+    def load_pipeline(device: str) -> Any:
+        from .pipeline import LuminaPipeline
+
+        device = _device_for(args.device, info)
+        if args.best_of > 1:
+            scorer_box["scorer"] = verifier_scorer(args.verifier, device=device)
+        return LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=device, quant=args.quant,
+                                              compile=args.compile, auto_download=args.download,
+                                              movqgan_path=args.movqgan)
+
+    def scorer(images: Sequence[Image.Image], prompt: str) -> Sequence[float]:
+        return scorer_box["scorer"](images, prompt)
+
+    options = BatchOptions(layout=args.layout, defaults=defaults, sampling=sampling, settings=settings, think=think,
+                           best_of=args.best_of, scorer=scorer if args.best_of > 1 else None,
+                           progress=not args.no_progress)
+    try:
+        summary = run_batch(args.prompts, args.output, load_pipeline, options, info)
+    finally:
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if info.rank == 0:
+        print(summary.text())
     return summary
