@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +105,8 @@ class Graph:
         x2 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
         y2 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
         return {
-            "id": None, "revision": 0,
+            # The frontend's schema wants a string id (a null id raises "Invalid workflow" alerts).
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"lumina-mgpt2/{self.title}")), "revision": 0,
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links,
             "groups": [{"id": 1, "title": self.title, "bounding": [min(xs) - 20, min(ys) - 60,
@@ -133,7 +135,7 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
     """One workflow: Loader -> (ThinkPrompt) -> Composer (<- LoadImage) -> Sampler -> VQDecode -> outputs."""
     g = Graph(info, title)
     x = 0
-    g.add("Note", {"text": note_text(task, title, settings)}, pos=(x, -420), size=(520, 330),
+    g.add("Note", {"text": note_text(task, title, settings)}, pos=(x - 580, -420), size=(540, 360),
           title=f"Read me: {title}")
     loader = g.add("LuminaMGPT2Loader", {"model": MODEL}, pos=(x, 0), size=(340, 180))
     source = None

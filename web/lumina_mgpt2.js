@@ -29,10 +29,6 @@ function snap(value, step) {
   return Math.max(step, Math.round(value / step) * step);
 }
 
-function gcd(a, b) {
-  return b ? gcd(b, a % b) : a;
-}
-
 // Grid-valid sizes for a task: [{label, width, height, tokens}], panels for dual-panel tasks.
 export function resolutionChoices(task) {
   const dual = isDualPanel(task);
@@ -49,8 +45,9 @@ export function resolutionChoices(task) {
       const key = `${width}x${height}`;
       if (tokens > MAX_POSITIONS || seen.has(key)) continue;
       seen.add(key);
-      const g = gcd(pw, ph);
-      const ratio = `${pw / g}:${ph / g}`;
+      // The nominal aspect ratio; "≈" when the 32 px grid cannot hit it exactly.
+      const exact = pw * rh === ph * rw;
+      const ratio = `${exact ? "" : "≈"}${rw}:${rh}`;
       const panel = dual ? ` (two ${pw}×${ph} panels)` : "";
       out.push({ label: `${width}×${height}${panel} · ${ratio} · ${tokens.toLocaleString("en-US")} tokens`,
                  width, height, tokens });
@@ -99,15 +96,13 @@ function addResolutionPicker(node) {
     const choices = resolutionChoices(taskWidget?.value);
     picker.options.values = [PICKER_NONE, ...choices.map((c) => c.label)];
     picker.choices = choices;
-    picker.value = PICKER_NONE;
-    cost.value = tokenLabel(node);
+    picker.value = tokenLabel(node) || PICKER_NONE;  // the combo shows the current size and its cost
   };
   const picker = nonSerialized(node.addWidget("combo", "resolution", PICKER_NONE, (label) => {
     const choice = picker.choices?.find((c) => c.label === label);
     if (choice) setSize(node, choice.width, choice.height);
+    picker.value = tokenLabel(node) || PICKER_NONE;
   }, { values: [PICKER_NONE] }));
-  const cost = nonSerialized(node.addWidget("text", "tokens", "", () => {}, {}));
-  cost.disabled = true;
 
   // Snap sizes to the grid (height to 64 px for dual-panel tasks so each panel stays on the grid).
   for (const name of ["width", "height"]) {
@@ -118,7 +113,7 @@ function addResolutionPicker(node) {
       const step = name === "height" && isDualPanel(taskWidget?.value) ? 2 * GRID : GRID;
       const snapped = snap(Number(value) || step, step);
       if (snapped !== w.value) w.value = snapped;
-      cost.value = tokenLabel(node);
+      picker.value = tokenLabel(node);
       return original?.call(this, snapped, ...rest);
     };
   }
@@ -136,7 +131,7 @@ function addResolutionPicker(node) {
   node.luminaRefreshResolution = refresh;
 }
 
-function textPanel(node, name) {
+function textPanel(node, name, minHeight = 60) {
   let entry = node.luminaPanels?.[name];
   if (entry) return entry;
   const element = document.createElement("div");
@@ -144,7 +139,8 @@ function textPanel(node, name) {
   element.style.cssText = "font: 12px/1.4 sans-serif; color: var(--input-text, #ddd); background: " +
     "var(--comfy-input-bg, #222); border-radius: 6px; padding: 6px; overflow: auto; white-space: pre-wrap; " +
     "max-height: 220px;";
-  const w = node.addDOMWidget(name, "lumina_panel", element, { serialize: false, hideOnZoom: false });
+  const w = node.addDOMWidget(name, "lumina_panel", element, { serialize: false, hideOnZoom: false,
+                                                               getMinHeight: () => minHeight });
   nonSerialized(w);
   node.luminaPanels = { ...(node.luminaPanels || {}), [name]: { element, widget: w } };
   return node.luminaPanels[name];
@@ -179,27 +175,21 @@ function showText(node, name, lines) {
 // The folder can be served twice (WEB_DIRECTORY and pyproject's [tool.comfy] web): register once.
 const extension = {
   name: EXTENSION,
+  nodeCreated(node) {
+    if (node.comfyClass === COMPOSER || node.type === COMPOSER) addResolutionPicker(node);
+  },
+  loadedGraphNode(node) {
+    node.luminaRefreshResolution?.();  // values loaded from the workflow: refresh the choices and cost
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (![COMPOSER, THINK, BEST_OF_N, SAMPLER].includes(nodeData.name)) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function (...args) {
-      const result = onNodeCreated?.apply(this, args);
-      if (nodeData.name === COMPOSER) addResolutionPicker(this);
-      return result;
-    };
-    const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function (...args) {
-      const result = onConfigure?.apply(this, args);
-      this.luminaRefreshResolution?.();  // values loaded from the workflow: refresh the choices and cost
-      return result;
-    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message, ...rest) {
       const result = onExecuted?.call(this, message, ...rest);
       if (nodeData.name === COMPOSER && message?.text) showText(this, "final_prompt", message.text);
       if (nodeData.name === THINK && message?.text) showText(this, "refined_prompt", message.text);
       if (nodeData.name === BEST_OF_N && message?.lumina_scores) {
-        const panel = textPanel(this, "scores");
+        const panel = textPanel(this, "scores", 30 + 22 * Math.ceil(message.lumina_scores.length / 2));
         panel.element.replaceChildren(scoreBadges(message.lumina_scores));
         this.setDirtyCanvas?.(true, true);
       }
