@@ -54,13 +54,40 @@ def parse_weights(text: str, names: list[str]) -> dict[str, float]:
     return weights
 
 
-def _local_copy(repo: str) -> str:
-    """models/lumina_mgpt2/verifiers/<repo name> when present, else the repo id (Hugging Face cache or download)."""
-    for base in bridge.model_dirs():
-        folder = Path(base) / "verifiers" / repo.split("/")[-1]
-        if folder.is_dir():
-            return str(folder)
-    return repo
+def _verifier_dirs() -> list[Path]:
+    return [Path(base) / "verifiers" for base in bridge.model_dirs()]
+
+
+def _local_copy(repo: str, auto_download: bool) -> str:
+    """models/lumina_mgpt2/verifiers/<repo name> when present (downloaded there when allowed), else the repo id."""
+    name = repo.split("/")[-1]
+    for base in _verifier_dirs():
+        if (base / name).is_dir():
+            return str(base / name)
+    if auto_download and _verifier_dirs():
+        from huggingface_hub import snapshot_download
+
+        from ..lumina_core.verify.base import MODEL_FILE_PATTERNS
+
+        # Into ComfyUI's model folder, not a cache elsewhere: the pack writes only under models/.
+        target = _verifier_dirs()[0] / name
+        logger.info("Verifier-BestOfN: downloading %s to %s", repo, target)
+        snapshot_download(repo, local_dir=str(target), allow_patterns=MODEL_FILE_PATTERNS)
+        return str(target)
+    return repo  # outside ComfyUI: the Hugging Face cache
+
+
+def _local_file(spec: str, auto_download: bool) -> str:
+    """'owner/repo/file' -> models/lumina_mgpt2/verifiers/<file> when present (downloaded there when allowed)."""
+    owner, repo, filename = spec.split("/", 2)
+    for base in _verifier_dirs():
+        if (base / filename).is_file():
+            return str(base / filename)
+    if auto_download and _verifier_dirs():
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(f"{owner}/{repo}", filename, local_dir=str(_verifier_dirs()[0]))
+    return spec
 
 
 def make_verifier(name: str, device: torch.device, auto_download: bool) -> Any:
@@ -69,19 +96,20 @@ def make_verifier(name: str, device: torch.device, auto_download: bool) -> Any:
     from ..lumina_core.verify.pixels import DemoCheckVerifier
     from ..lumina_core.verify.vqascore import VQAScoreVerifier
 
-    common = {"device": device, "auto_download": auto_download}
     if name == "demo_check":
         return DemoCheckVerifier(device=device)
-    repo = _local_copy(VERIFIER_MODELS[name][0])
+    if name not in VERIFIER_MODELS:
+        raise NodeInputError(f"unknown verifier {name!r}; allowed: {sorted(VERIFIER_MODELS)}")
+    source = _local_copy(VERIFIER_MODELS[name][0], auto_download)
+    common = {"device": device, "auto_download": auto_download}
     if name == "clipscore":
-        return ClipSimilarityVerifier(repo, scale=100.0, name="clipscore", **common)
+        return ClipSimilarityVerifier(source, scale=100.0, name="clipscore", **common)
     if name == "pickscore":
-        return ClipSimilarityVerifier(repo, processor=_local_copy(PICKSCORE_PROCESSOR), name="pickscore", **common)
+        return ClipSimilarityVerifier(source, processor=_local_copy(PICKSCORE_PROCESSOR, auto_download),
+                                      name="pickscore", **common)
     if name == "aesthetic":
-        return AestheticVerifier(repo, head=AESTHETIC_HEAD, **common)
-    if name == "vqascore":
-        return VQAScoreVerifier(repo, **common)
-    raise NodeInputError(f"unknown verifier {name!r}; allowed: {sorted(VERIFIER_MODELS)}")
+        return AestheticVerifier(source, head=_local_file(AESTHETIC_HEAD, auto_download), **common)
+    return VQAScoreVerifier(source, **common)
 
 
 class LuminaMGPT2VerifierBestOfN:

@@ -328,3 +328,13 @@ def test_missing_movqgan_names_the_folder_and_file(pack, tiny_models, tmp_path, 
     with pytest.raises(FileNotFoundError) as info:
         node(pack, "LuminaMGPT2Loader").load("no-movq", False, "auto", "none", False)
     assert "movqgan_270M.ckpt" in str(info.value) and str(broken) in str(info.value)
+
+
+def test_verifier_weights_are_looked_up_in_the_model_folder(pack, tmp_path, monkeypatch):
+    best_of_n = sys.modules[f"{wt.PACK_MODULE}.nodes.best_of_n"]
+    (tmp_path / "verifiers" / "PickScore_v1").mkdir(parents=True)
+    monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
+    verifier = best_of_n.make_verifier("pickscore", torch.device("cpu"), auto_download=False)
+    assert verifier.model_name == str(tmp_path / "verifiers" / "PickScore_v1")
+    # Not present and no download: the repo id is left for the Hugging Face cache lookup (no network).
+    assert best_of_n.make_verifier("clipscore", torch.device("cpu"), False).model_name == "openai/clip-vit-large-patch14"
