@@ -49,19 +49,26 @@ def _options(**kw) -> BatchOptions:
     return BatchOptions(**base)
 
 
-def test_run_writes_images_manifest_summary_then_resumes(tmp_path, tiny_model):
+def test_run_writes_images_manifest_summary_then_resumes(tmp_path, tiny_model, capsys):
     prompts = _write(tmp_path / "p.jsonl", [
         {"prompt": "a red cube"}, {"prompt": "a blue ball", "images": 2, "size": "64x32"},
         {"prompt": "off grid", "size": "40x32"}, {"prompt": "a fox", "seed": 5},
         # 4 grids is this tiny model's largest size: 160 px needs a size token it does not have.
         {"prompt": "too big for the model", "size": "160x160"},
+        '{"prompt": "malformed"',
+        {"prompt": "edit me", "task": "edit", "reference": "nowhere.png", "size": "32x64"},
     ])
     out = tmp_path / "out"
     loader = Loader(tiny_model)
-    summary = run_batch(prompts, out, loader, _options(), RankInfo())
+    summary = run_batch(prompts, out, loader, _options(progress=True), RankInfo())
     assert summary.items == 4 and summary.generated == 3 and summary.images == 4
-    assert [b.line for b in summary.bad_lines] == [3] and "multiple of 32" in summary.bad_lines[0].reason
+    assert [b.line for b in summary.bad_lines] == [3, 6, 7]
+    assert "multiple of 32" in summary.bad_lines[0].reason and "malformed JSON" in summary.bad_lines[1].reason
+    assert "nowhere.png" in summary.bad_lines[2].reason
     assert [f["line"] for f in summary.failures] == [5] and summary.failures[0]["reason"]
+    text = summary.text()
+    assert "3 bad lines" in text and "line 6: malformed JSON" in text and "failed line 5" in text
+    assert "rank 0/1" in capsys.readouterr().err   # the rank's progress bar
     assert summary.seconds_per_image > 0
 
     assert sorted(p.name for p in out.iterdir()) == ["00000_0.png", "00001_0.png", "00001_1.png", "00003_0.png",
@@ -75,7 +82,8 @@ def test_run_writes_images_manifest_summary_then_resumes(tmp_path, tiny_model):
     assert ok["00000"]["settings"]["sampling"]["cfg"] == 2.0 and ok["00000"]["settings"]["model"] == "tiny"
     assert all(r["seconds"] > 0 and r["rank"] == 0 for r in ok.values())
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["generated"] == 3 and saved["bad_lines"][0]["line"] == 3 and saved["failures"][0]["line"] == 5
+    assert saved["generated"] == 3 and [b["line"] for b in saved["bad_lines"]] == [3, 6, 7]
+    assert saved["failures"][0]["line"] == 5
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     loads = loader.loads
@@ -86,14 +94,14 @@ def test_run_writes_images_manifest_summary_then_resumes(tmp_path, tiny_model):
     assert loader.loads == loads + 1
 
     # Drop the failing line: nothing left to do, so the model is not even loaded.
-    lines = prompts.read_text().splitlines()
-    _write(prompts, lines[:4])
+    lines = prompts.read_text().splitlines()[:4]
+    _write(prompts, lines)
     run_batch(prompts, out, loader, _options(), RankInfo())
     assert loader.loads == loads + 1
 
     # A changed prompt is a different request: that item alone is regenerated, the line keys stay unique.
     lines[0] = json.dumps({"prompt": "a blue cube"})
-    _write(prompts, lines[:4])
+    _write(prompts, lines)
     changed = run_batch(prompts, out, loader, _options(), RankInfo())
     assert changed.generated == 1 and changed.skipped_done == 2
     assert (out / "00000_0.png").stat().st_mtime_ns != mtimes["00000_0.png"]
@@ -143,3 +151,43 @@ def test_best_of_n_keeps_the_top_scored_candidates(tmp_path, tiny_model):
     assert record["scores"] == sorted(record["candidate_scores"], reverse=True)[:2]
     kept = [brightness([Image.open(out / f)], "")[0] for f in record["files"]]
     assert kept == pytest.approx(record["scores"], abs=1e-4)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+@pytest.mark.slow
+def test_geneval_and_dpg_layouts_end_to_end(tmp_path, tiny_model):
+    loader = Loader(tiny_model)
+    geneval = tmp_path / "geneval"
+    options = _options(layout="geneval", defaults=ItemDefaults(width=32, height=32, num_images=2))
+    # GenEval's own lines, the first three (each sampling call costs about a second on a shared CPU).
+    lines = (FIXTURES / "geneval_metadata_head6.jsonl").read_text().splitlines()[:3]
+    metadata = _write(tmp_path / "evaluation_metadata.jsonl", lines)
+    summary = run_batch(metadata, geneval, loader, options, RankInfo())
+    assert summary.generated == 3 and summary.images == 6
+    folders = sorted(p.name for p in geneval.iterdir() if p.is_dir())
+    assert folders == ["00000", "00001", "00002"]
+    for n, folder in enumerate(folders):
+        assert json.loads((geneval / folder / "metadata.jsonl").read_text()) == json.loads(lines[n])
+        assert sorted(p.name for p in (geneval / folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+
+    dpg = tmp_path / "dpg"
+    options = _options(layout="dpg", defaults=ItemDefaults(width=32, height=32, num_images=4))
+    run_batch(FIXTURES / "dpg_bench_head3.jsonl", dpg, loader, options, RankInfo())
+    assert sorted(p.name for p in dpg.glob("*.png")) == ["0.png", "1.png", "10.png"]
+    assert Image.open(dpg / "10.png").size == (64, 64)
+    assert [r["key"] for r in read_jsonl_records(dpg / "manifest.jsonl")] == ["0", "1", "10"]
+
+
+def test_think_failure_falls_back_to_the_prompt_and_is_recorded(tmp_path, tiny_model):
+    from lumina_core.think import ThinkConfig
+
+    prompts = _write(tmp_path / "p.txt", ["a red cube"])
+    # A closed loopback port: the endpoint fails at once and the item goes on with the user's prompt.
+    think = ThinkConfig(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0, timeout=5, use_cache=False)
+    summary = run_batch(prompts, tmp_path / "o", Loader(tiny_model), _options(think=think), RankInfo())
+    assert summary.generated == 1
+    record = read_jsonl_records(tmp_path / "o" / "manifest.jsonl")[0]
+    assert record["think"]["source"] == "fallback" and record["think"]["prompt"] == "a red cube"
+    assert "failed" in record["think"]["warning"] and record["settings"]["think"]["model"] == "m"
