@@ -15,6 +15,17 @@ The flow of one run:
    per-rank manifests into ``manifest.jsonl`` and writes the summary.
 
 The output folder must be shared by all nodes (a network file system) for multi-node runs.
+
+Examples::
+
+    python -m lumina_core generate --model M --prompts prompts.txt --output out
+    torchrun --nproc-per-node 8 -m lumina_core generate --model M --prompts evaluation_metadata.jsonl \
+        --layout geneval --num-images 4 --sjd --output geneval_out
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m lumina_core generate --model M --prompts dpg_bench_prompts.jsonl --layout dpg --num-images 4 ...
+
+Rerunning the same command resumes: finished items (same request, same settings, files present)
+are skipped, failed ones are tried again.
 """
 from __future__ import annotations
 
@@ -841,12 +852,12 @@ def batch_command(args: Any) -> BatchSummary:
     info = init_distributed()
     scorer_box: dict[str, Scorer] = {}
 
-    def load_pipeline(device: str) -> Any:
+    def load_pipeline(rank_default: str) -> Any:
         from .pipeline import LuminaPipeline
 
-        device = _device_for(args.device, info)
+        device = _device_for(args.device, info)  # rank_default unless --device names something else
         if args.best_of > 1:
-            scorer_box["scorer"] = verifier_scorer(args.verifier, device=device)
+            scorer_box["scorer"] = verifier_scorer(args.verifier, device=device, auto_download=args.download)
         return LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=device, quant=args.quant,
                                               compile=args.compile, auto_download=args.download,
                                               movqgan_path=args.movqgan)

@@ -202,3 +202,20 @@ def test_manifest_merge_dedups_prefers_success_and_resume_checks_files(tmp_path)
     assert not is_done(merged["b"], merged["b"].get("fingerprint", ""), tmp_path)
     (tmp_path / "a_0.png").unlink()
     assert not is_done(merged["a"], "f", tmp_path)   # a deleted image is regenerated
+
+
+def test_cli_batch_argument_errors(tmp_path, capsys):
+    from lumina_core.__main__ import main
+
+    prompts = _write(tmp_path / "p.txt", ["a red cube"])
+    base = ["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts), "--output",
+            str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--best-of", "2"])
+    assert exit_info.value.code == 2 and "--verifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--reference", str(prompts)])
+    assert exit_info.value.code == 2 and "per item" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "m"])
+    assert exit_info.value.code == 2 and "--prompts FILE" in capsys.readouterr().err
