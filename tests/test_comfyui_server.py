@@ -259,8 +259,11 @@ def test_progress_previews_and_cancel(server):
         assert interrupted_at is not None and len(seen_after_interrupt) <= 1
         entry = server.wait(prompt_id)
         assert entry["status"]["status_str"] == "error"
-        # The server is still usable and "Unload models" works afterwards.
+        # "Unload models" hands the weights back to ComfyUI; the next run loads them again and succeeds.
         assert server.post("/free", {"unload_models": True})[0] == 200
+        time.sleep(1)
+        again = server.wait(server.queue(shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))))
+        assert again["status"]["status_str"] == "success", again["status"]
     finally:
         ws.close()
 
