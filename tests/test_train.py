@@ -329,3 +329,35 @@ def test_torchrun_two_processes_match_one_process(setup, tmp_path):
     wa = load_file(str(latest_checkpoint(tmp_path / "single") / MODEL_FILE))
     wb = load_file(str(latest_checkpoint(tmp_path / "fsdp") / MODEL_FILE))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+@pytest.fixture
+def one_thread():
+    # Convolution backward with 2 threads on 2 shared, busy cores is many times slower than with 1.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_train_vq_writes_a_loadable_tokenizer(setup, tmp_path, one_thread):
+    from lumina_core.movqgan import load_movqgan
+    from lumina_core.train.vq import VQOptions, train_vq
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(setup["root"] / "img0.png").save(folder / "only.png")
+    # Over-fitting one image: the reconstruction error must fall well below its start.
+    opts = VQOptions(images=str(folder), out=str(tmp_path / "run"), steps=20, size=32, batch=2, lr=2e-3,
+                     ch=32, ch_mult=(1, 1, 1, 1), n_embed=32, reset_dead_every=0, log_every=1, save_every=10)
+    ckpt = train_vq(opts)
+    log = [json.loads(line) for line in (tmp_path / "run" / "vq_log.jsonl").read_text().splitlines()]
+    assert len(log) == 20
+    first, last = np.mean([r["rec"] for r in log[:3]]), np.mean([r["rec"] for r in log[-3:]])
+    assert last < 0.5 * first, (first, last)
+    movq = load_movqgan(ckpt)
+    assert movq.config.n_embed == 32 and movq.config.ch_mult == (1, 1, 1, 1)
+    image = torch.from_numpy(np.asarray(Image.open(folder / "only.png"), dtype=np.float32) / 127.5 - 1)
+    codes = movq.encode(image.permute(2, 0, 1)[None])
+    assert codes.shape == (1, 4, 4) and int(codes.max()) < 32
+    assert movq.decode(codes).shape == (1, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""`python -m lumina_core.train {prepare,fit,export}`: fine-tune Lumina-mGPT 2.0 from the shell.
+"""`python -m lumina_core.train {prepare,fit,export,vq}`: fine-tune Lumina-mGPT 2.0 from the shell.
 
 Also runs under torchrun: `torchrun --nproc-per-node N -m lumina_core.train fit ...` (FSDP2).
 """
@@ -75,6 +75,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
 
 
+def _add_vq(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vq", help="train a small MoVQGAN image tokenizer (demo models); writes an official .ckpt")
+    p.add_argument("images", help="folder of images, or a dataset description (JSON/JSONL)")
+    p.add_argument("--out", required=True, help="run folder (vq_state.pt, vq_log.jsonl; resumed automatically)")
+    p.add_argument("--ckpt", default=None, help="output .ckpt (default: <out>/movqgan.ckpt)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--size", type=int, default=64, help="square training crop side (multiple of 8)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--beta", type=float, default=0.25, help="commitment-loss weight")
+    p.add_argument("--ch", type=int, default=32, help="base channels (multiple of 32: GroupNorm(32))")
+    p.add_argument("--ch-mult", default="1,2,2,4", help="channel multipliers per level (4 levels = 8x down)")
+    p.add_argument("--num-res-blocks", type=int, default=1)
+    p.add_argument("--n-embed", type=int, default=1024, help="codebook size")
+    p.add_argument("--reset-dead-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: prepare, fit, export."""
     parser = argparse.ArgumentParser(prog="python -m lumina_core.train", description=__doc__.splitlines()[0])
@@ -82,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_fit(sub)
     _add_export(sub)
+    _add_vq(sub)
     return parser
 
 
@@ -128,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         out = export_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
                               max_shard_bytes=int(args.max_shard_gb * 1e9))
         print(f"export: wrote {out}")
+        return 0
+    if args.command == "vq":
+        from .vq import VQOptions, train_vq
+
+        opts = VQOptions(images=args.images, out=args.out, ckpt=args.ckpt, steps=args.steps, size=args.size,
+                         batch=args.batch, lr=args.lr, beta=args.beta, ch=args.ch,
+                         ch_mult=tuple(int(x) for x in args.ch_mult.split(",")), num_res_blocks=args.num_res_blocks,
+                         n_embed=args.n_embed, reset_dead_every=args.reset_dead_every, seed=args.seed,
+                         save_every=args.save_every, device=args.device)
+        print(f"vq: wrote {train_vq(opts)}")
         return 0
     raise AssertionError(args.command)
 

@@ -1,0 +1,186 @@
+"""`train vq`: train a small MoVQGAN image tokenizer with our own code (for embedded demo models).
+
+Objective: L1 reconstruction + codebook + commitment losses from `MoVQGAN.forward`
+(straight-through estimator). The released 270M model also used perceptual and adversarial
+losses; those are deliberately left out here (no pretrained VGG offline, and a demo tokenizer
+only needs to be consistent, not photorealistic). Codes that no image uses for a while are
+re-seeded from current encoder outputs, so a small codebook stays in use.
+
+The run folder holds `vq_state.pt` (model, optimizer, step, RNG; written atomically, resumed
+automatically) and the result is written as an official-format flat `.ckpt` (`save_movqgan`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "vq_state.pt"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class VQOptions:
+    """Settings of a `train vq` run."""
+
+    images: str                         # a folder of images, or a dataset description (JSON/JSONL)
+    out: str                            # run folder
+    ckpt: str | None = None             # where the final .ckpt goes (default: <out>/movqgan.ckpt)
+    steps: int = 1000
+    size: int = 64                      # training crops are size x size
+    batch: int = 8
+    lr: float = 2e-4
+    beta: float = 0.25                  # commitment weight
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 1
+    n_embed: int = 1024
+    reset_dead_every: int = 100         # re-seed unused codes every N steps (0: never)
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    device: str = "cpu"
+
+
+def image_paths(source: str | os.PathLike) -> list[Path]:
+    """Every image of a folder (sorted), or every image a dataset description names (both panels)."""
+    from .data import read_description
+
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        paths = []
+        for entry in read_description(source):
+            if not isinstance(entry, dict):
+                continue
+            for key in ("image", "image_path", "second_image"):
+                if isinstance(entry.get(key), str):
+                    p = Path(entry[key])
+                    paths.append(p if p.is_absolute() else source.parent / p)
+    usable = [p for p in paths if p.is_file()]
+    if not usable:
+        raise ValueError(f"no readable images found in {source}")
+    return usable
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Images center-cropped (official crop) to size x size, float [N, 3, size, size] in [-1, 1]; bad files skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..images import center_crop, pil_to_tensor
+
+    tensors = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            logger.warning("skipping %s: %s", path, e)
+            continue
+        tensors.append(pil_to_tensor(center_crop(image, (size, size))))
+    if not tensors:
+        raise ValueError("none of the images could be read")
+    return torch.stack(tensors)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_vq(opts: VQOptions) -> Path:
+    """Train (or resume) a MoVQGAN and write it as an official-format .ckpt; returns the .ckpt path."""
+    from ..movqgan import MoVQConfig, MoVQGAN, save_movqgan
+    from .checkpoint import rng_state, set_rng_state
+    from .loop import _StopRequest
+
+    device = torch.device(opts.device)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = load_images(image_paths(opts.images), opts.size)
+    cfg = MoVQConfig(ch=opts.ch, ch_mult=tuple(opts.ch_mult), num_res_blocks=opts.num_res_blocks,
+                     n_embed=opts.n_embed)
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    model = MoVQGAN(cfg).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.5, 0.9))
+    usage = torch.zeros(cfg.n_embed, dtype=torch.long)
+    step = 0
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        usage = state["usage"]
+        step = state["step"]
+        set_rng_state(state["rng"], device)
+        logger.info("resumed vq training at step %d", step)
+
+    def save() -> None:
+        _save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "usage": usage,
+                                 "step": step, "rng": rng_state(device), "options": json.dumps(asdict(opts))})
+
+    stopper = _StopRequest()
+    stopper.install()
+    log = out / "vq_log.jsonl"
+    try:
+        while step < opts.steps:
+            batch = images[torch.randint(len(images), (opts.batch,))]
+            # Random flips: cheap augmentation for tiny demo sets.
+            flip = torch.rand(opts.batch) < 0.5
+            batch[flip] = batch[flip].flip(-1)
+            batch = batch.to(device)
+            recon, codebook_loss, commitment_loss, codes = model(batch, beta=opts.beta)
+            rec_loss = F.l1_loss(recon, batch)
+            loss = rec_loss + codebook_loss + commitment_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            usage += torch.bincount(codes.flatten().cpu(), minlength=cfg.n_embed)
+            step += 1
+            if step % opts.log_every == 0 or step == opts.steps:
+                record = {"step": step, "loss": loss.item(), "rec": rec_loss.item(), "codebook": codebook_loss.item(),
+                          "commit": commitment_loss.item(), "codes_used": int((usage > 0).sum())}
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info("vq step %d/%d rec %.4f codebook %.4f commit %.4f", step, opts.steps, record["rec"],
+                            record["codebook"], record["commit"])
+            if opts.reset_dead_every and step % opts.reset_dead_every == 0:
+                _reset_dead_codes(model, batch, usage)
+                usage.zero_()
+            if stopper.requested or step % opts.save_every == 0 or step == opts.steps:
+                save()
+            if stopper.requested:
+                break
+    finally:
+        stopper.restore()
+    ckpt = Path(opts.ckpt) if opts.ckpt else out / "movqgan.ckpt"
+    save_movqgan(model.eval(), ckpt)
+    return ckpt
+
+
+@torch.no_grad()
+def _reset_dead_codes(model, batch: torch.Tensor, usage: torch.Tensor) -> None:
+    """Move codes unused since the last reset onto random current encoder outputs (keeps the codebook alive)."""
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0:
+        return
+    latent = model.encode_latent(batch)
+    vectors = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+    pick = torch.randint(len(vectors), (dead.numel(),))
+    model.codebook[dead.to(model.codebook.device)] = vectors[pick] + 1e-3 * torch.randn_like(vectors[pick])
