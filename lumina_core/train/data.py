@@ -361,33 +361,43 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
 # Reading shards and building samples
 
 class TokenDataset:
-    """All pre-tokenised records of a prepared folder: ``dataset[i] -> (ids LongTensor, prompt_length)``."""
+    """All pre-tokenised records of a prepared folder: ``dataset[i] -> (ids LongTensor, prompt_length)``.
+
+    Offsets and prompt lengths are read at once (small); token ids are read per record from the
+    memory-mapped shards, so every rank of a large run does not hold the whole corpus in RAM.
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         self.folder = Path(folder)
         self.index = load_index(self.folder)
-        tokens, offsets, prompt_lengths = [], [], []
-        base = 0
-        for shard in self.index["shards"]:
-            data = load_file(str(self.folder / shard["file"]))
-            tokens.append(data["tokens"])
-            offsets.append(data["offsets"][:-1] + base)
-            prompt_lengths.append(data["prompt_lengths"])
-            base += int(data["offsets"][-1])
-        if not tokens:
+        self._handles = []
+        shard_of, offsets, prompt_lengths = [], [], []
+        for number, shard in enumerate(self.index["shards"]):
+            handle = safe_open(str(self.folder / shard["file"]), framework="pt", device="cpu")
+            self._handles.append(handle)
+            shard_offsets = handle.get_tensor("offsets")
+            offsets.append(torch.stack((shard_offsets[:-1], shard_offsets[1:]), dim=1))
+            prompt_lengths.append(handle.get_tensor("prompt_lengths"))
+            shard_of.append(torch.full((len(shard_offsets) - 1,), number, dtype=torch.int64))
+        if not offsets:
             raise ValueError(f"{self.folder} holds no usable records (see {BAD_ITEMS_FILE})")
-        self.tokens = torch.cat(tokens)
-        self.offsets = torch.cat([*offsets, torch.tensor([base])])
+        self.spans = torch.cat(offsets)           # [N, 2] start/end inside the record's shard
+        self.shard_of = torch.cat(shard_of)
         self.prompt_lengths = torch.cat(prompt_lengths)
 
     def __len__(self) -> int:
         return len(self.prompt_lengths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.tokens[start:end].long(), int(self.prompt_lengths[i])
+        start, end = (int(x) for x in self.spans[i])
+        ids = self._handles[int(self.shard_of[i])].get_slice("tokens")[start:end]
+        return ids.long(), int(self.prompt_lengths[i])
+
+    def lengths(self) -> torch.Tensor:
+        """Token count of every record."""
+        return self.spans[:, 1] - self.spans[:, 0]
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -223,6 +223,13 @@ class FitResult:
 
 def fit(opts: FitOptions) -> FitResult:
     """Train; returns after `steps`, after `stop_after`, or after a SIGTERM (checkpoint saved in each case)."""
+    for name in ("micro_batch", "accum", "max_seq_len", "save_every", "log_every", "loss_chunk"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {opts.precision!r}")
+    if not 0.0 <= opts.uncond_prob <= 1.0:
+        raise ValueError(f"uncond_prob must lie in [0, 1], got {opts.uncond_prob}")
     info = init_distributed(opts.device)
     dataset = TokenDataset(opts.data)
     cfg = model_config(opts)
@@ -282,7 +289,7 @@ def fit(opts: FitOptions) -> FitResult:
             t0 = time.perf_counter()
             micro = rank_micro_batches(global_batch_positions(step, global_batch), info.world_size, info.rank,
                                        opts.micro_batch)
-            loss_sum = torch.zeros(3)
+            loss_sum = torch.zeros(3, device=info.device)  # stays on the device: no host sync per micro-batch
             seen_tokens = 0
             for positions in micro:
                 samples = [make_sample(*dataset[idx], uncond)
@@ -291,8 +298,7 @@ def fit(opts: FitOptions) -> FitResult:
                 with autocast:
                     loss, parts = module(input_ids.to(info.device), labels.to(info.device))
                 (loss / len(micro)).backward()
-                loss_sum += torch.stack((loss.detach().float().cpu(), parts["ce"].float().cpu(),
-                                         parts["z"].float().cpu()))
+                loss_sum += torch.stack((loss.detach().float(), parts["ce"].float(), parts["z"].float()))
                 seen_tokens += int(sum(min(len(s[0]), opts.max_seq_len) for s in samples))
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), opts.clip_grad)
             if hasattr(grad_norm, "full_tensor"):
@@ -302,7 +308,7 @@ def fit(opts: FitOptions) -> FitResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            means = all_reduce_mean((loss_sum / len(micro)).to(info.device), info).cpu()
+            means = all_reduce_mean(loss_sum / len(micro), info).cpu()
             tokens = all_reduce_mean(torch.tensor([float(seen_tokens)], device=info.device), info).item() * info.world_size
             elapsed = time.perf_counter() - t0
             losses.append(float(means[0]))
