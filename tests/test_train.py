@@ -132,6 +132,19 @@ def test_prepare_resumes_after_a_crash(setup, tmp_path, monkeypatch):
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
 
 
+def test_sizeless_prompt_option(setup, tmp_path):
+    description = tmp_path / "two.json"
+    description.write_text(json.dumps([{"prompt": "red fox", "image": str(setup["root"] / f"img{i}.png")}
+                                       for i in range(2)]))
+    prepare(description, tmp_path / "prep", setup["model"], setup["model"] / TINY_MOVQGAN_FILE, target_size=32,
+            progress=False, sizeless_prompt_prob=1.0)
+    tokenizer = load_text_tokenizer(setup["model"])
+    ids, prompt_len = TokenDataset(tmp_path / "prep")[0]
+    text = tokenizer.decode(ids[1:prompt_len - 1].tolist()).replace(" ", "")
+    expected = train_data.SIZELESS_T2I_TEMPLATE.format(prompt="red fox")
+    assert text == expected.lower().replace(" ", "").replace("\n", "")  # the tiny tokenizer lowercases
+
+
 def test_labels_follow_the_official_rule():
     ids = torch.tensor([1, 10, 11, 9, 100, 105, 105, 200, 201, 150, 101, 9])  # BOS text SEP | image SEP
     tokens, labels = make_sample(ids, 4, unconditional=False)

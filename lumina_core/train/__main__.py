@@ -24,6 +24,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="records per shard (also the resume granularity)")
     p.add_argument("--max-seq-len", type=int, default=None, help="skip items longer than this many tokens")
     p.add_argument("--device", default="cpu", help="device for MoVQGAN encoding (cpu, cuda, ...)")
+    p.add_argument("--sizeless-prompt-prob", type=float, default=0.0,
+                   help="share of t2i items given the official size-free prompt (official pre-tokeniser: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the size-free prompt choice")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = prepare(args.description, args.out, args.tokenizer, args.movqgan, target_size=args.target_size,
                           shard_size=args.shard_size, max_seq_len=args.max_seq_len, device=args.device,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, sizeless_prompt_prob=args.sizeless_prompt_prob,
+                          seed=args.seed)
         print(f"prepare: {summary}")
         return 0
     if args.command == "fit":

@@ -38,6 +38,9 @@ INDEX_FILE = "index.json"
 BAD_ITEMS_FILE = "bad_items.jsonl"
 TOKENIZER_DIR = "tokenizer"
 INDEX_VERSION = 1
+# The official pre-tokeniser writes this size-free T2I prompt for 10 % of its items (reference section d);
+# inference never uses it, so it is opt-in here (`sizeless_prompt_prob`).
+SIZELESS_T2I_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json")
 
@@ -143,6 +146,8 @@ class Tokenizing:
     movqgan: Any
     target_size: int = 512
     max_seq_len: int | None = None
+    sizeless_prompt_prob: float = 0.0
+    seed: int = 0
 
     def crop_sizes(self, dual_panel: bool) -> list[tuple[int, int]]:
         """Official training crop list (w, h); a dual-panel item uses panels of half the area each."""
@@ -202,8 +207,16 @@ def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
     # Dual panel: the two images stacked vertically make one W x H picture (upper first).
     pixels = torch.cat([pil_to_tensor(p) for p in panels], dim=1).unsqueeze(0)
     codes = tk.movqgan.encode(pixels)[0].cpu()
-    prefix = prompt_ids(tk.tokenizer, tk.layout, request.prompt_text())
-    ids = prefix + image_ids(tk.layout, codes) + [tk.layout.separator]
+    text = request.prompt_text()
+    if item.task == "t2i" and tk.sizeless_prompt_prob > 0 and \
+            random.Random(f"{tk.seed}:{item.item_id}").random() < tk.sizeless_prompt_prob:
+        text = SIZELESS_T2I_TEMPLATE.format(prompt=item.prompt)
+    prefix = prompt_ids(tk.tokenizer, tk.layout, text)
+    try:
+        body = image_ids(tk.layout, codes)
+    except ValueError as e:  # e.g. more 32-px grids than the tokenizer has size tokens for
+        raise BadItem("size_off_grid", f"item {item.item_id}: {e}", item.image) from None
+    ids = prefix + body + [tk.layout.separator]
     if tk.max_seq_len is not None and len(ids) > tk.max_seq_len:
         raise BadItem("too_long", f"item {item.item_id}: {len(ids)} tokens exceed max_seq_len {tk.max_seq_len}",
                       item.image)
@@ -273,7 +286,8 @@ class PrepareSummary:
 
 def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
             movqgan_path: str | os.PathLike, target_size: int = 512, shard_size: int = 1000,
-            max_seq_len: int | None = None, device: str = "cpu", progress: bool = True) -> PrepareSummary:
+            max_seq_len: int | None = None, device: str = "cpu", progress: bool = True,
+            sizeless_prompt_prob: float = 0.0, seed: int = 0) -> PrepareSummary:
     """Pre-tokenise a dataset description into shards + ``index.json`` in ``out_dir`` (resumes a partial run)."""
     from tqdm import tqdm
 
@@ -290,9 +304,11 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
         if index["description"] != str(description):
             raise ValueError(f"{out} already holds data prepared from {index['description']}; "
                              f"use another output folder for {description}")
-        logger.info("resuming prepare at item %d of %d", index["items_done"], len(entries))
+        logger.info("resuming prepare at item %d of %d (settings of the first run: target size %d)",
+                    index["items_done"], len(entries), index["target_size"])
     else:
         index = {"version": INDEX_VERSION, "description": str(description), "target_size": target_size,
+                 "sizeless_prompt_prob": sizeless_prompt_prob, "seed": seed,
                  "items_done": 0, "shards": [], "bad_by_kind": {}, "num_records": 0, "num_tokens": 0}
     # A copy of the tokenizer travels with the data, so `fit`/`export` know the exact vocabulary used.
     tok_copy = out / TOKENIZER_DIR
@@ -306,7 +322,8 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
     if movq.config.n_embed != layout.num_image_codes:
         raise ValueError(f"MoVQGAN has {movq.config.n_embed} codes but the tokenizer has {layout.num_image_codes} "
                          "image tokens; they must match")
-    tk = Tokenizing(tokenizer, layout, movq, target_size=index["target_size"], max_seq_len=max_seq_len)
+    tk = Tokenizing(tokenizer, layout, movq, target_size=index["target_size"], max_seq_len=max_seq_len,
+                    sizeless_prompt_prob=index.get("sizeless_prompt_prob", 0.0), seed=index.get("seed", 0))
     bad_log = out / BAD_ITEMS_FILE
     start = index["items_done"]
     pending: list[tuple[list[int], int]] = []
