@@ -246,6 +246,12 @@ def test_export_loads_with_identical_logits(setup, straight_run, tmp_path):
     assert torch.equal(bf16(ids), reference.to(torch.bfloat16)(ids))
 
 
+def test_fit_refuses_data_from_another_tokenizer(setup, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other", words="purple cat", num_image_codes=64, max_grids=16)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        fit(fit_options(setup, tmp_path / "run", init_from=str(other)))
+
+
 def test_fit_from_config_without_checkpoint(setup, tmp_path):
     config = json.loads((setup["model"] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -82,12 +82,19 @@ def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix(MODEL_PREFIX): v for k, v in sd.items()}
 
 
-def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (official names) into the (possibly sharded) training wrapper, strictly."""
+def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+    """Load a full state dict (official names) into the (possibly sharded) training wrapper, strictly.
+
+    Distributed: only rank 0 needs the tensors (the others pass an empty dict); they are broadcast
+    and sharded one by one, so no other rank ever holds the whole model.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    if info.enabled and not info.is_main:
+        state = {}
     result = set_model_state_dict(module, {MODEL_PREFIX + k: v for k, v in state.items()},
-                                  options=StateDictOptions(full_state_dict=True, strict=True))
+                                  options=StateDictOptions(full_state_dict=True, strict=True,
+                                                           broadcast_from_rank0=info.enabled))
     missing = getattr(result, "missing_keys", [])
     unexpected = getattr(result, "unexpected_keys", [])
     if missing or unexpected:
@@ -170,9 +177,11 @@ def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    load_full_model_state(module, load_file(str(folder / MODEL_FILE)))
-    optim_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(module, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    reads = info.is_main or not info.enabled  # other ranks receive broadcasts instead of reading files
+    load_full_model_state(module, load_file(str(folder / MODEL_FILE)) if reads else {}, info)
+    optim_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True) if reads else {}
+    set_optimizer_state_dict(module, optimizer, optim_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.enabled))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     rngs = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
     if len(rngs) == info.world_size:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import LuminaTransformer, build_transformer, init_weights
+from ..model import LuminaTransformer, build_transformer
 from .checkpoint import (latest_checkpoint, load_checkpoint, load_full_model_state, read_official_weights,
                          save_checkpoint)
 from .data import IGNORE_INDEX, SampleOrder, TokenDataset, collate, global_batch_positions, make_sample, \
@@ -169,16 +169,17 @@ def build_training_module(cfg: ModelConfig, opts: FitOptions, info: DistInfo, in
         shard_model(module, transformer.model.layers,
                     torch.bfloat16 if opts.precision == "bf16" else None)
     module.to_empty(device=info.device)
-    if initial:  # a resumed run loads its own checkpoint instead
+    if initial and info.enabled and not info.is_main:
+        load_full_model_state(module, {}, info)  # receives rank 0's weights
+    elif initial:  # a resumed run loads its own checkpoint instead
         if opts.init_from:
             state = read_official_weights(opts.init_from)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(opts.seed)
-                fresh = build_transformer(cfg)  # CPU, seeded: the same weights for any world size
-                init_weights(fresh)
+                fresh = build_transformer(cfg)  # CPU, seeded (init_weights): the same weights for any world size
             state = {k: v.detach() for k, v in fresh.state_dict().items()}
-        load_full_model_state(module, state)
+        load_full_model_state(module, state, info)
     for p in module.parameters():
         p.requires_grad_(True)
     return module.train()
@@ -232,6 +233,10 @@ def fit(opts: FitOptions) -> FitResult:
         raise ValueError(f"uncond_prob must lie in [0, 1], got {opts.uncond_prob}")
     info = init_distributed(opts.device)
     dataset = TokenDataset(opts.data)
+    tokenizer_dir = str(dataset.tokenizer_dir) if (dataset.tokenizer_dir / "tokenizer.json").is_file() else (
+        opts.init_from if opts.init_from else None)
+    if opts.init_from and tokenizer_dir != opts.init_from:
+        _check_same_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, Path(opts.init_from))
     cfg = model_config(opts)
     global_batch = opts.micro_batch * opts.accum * info.world_size
     if opts.steps is not None:
@@ -265,8 +270,6 @@ def fit(opts: FitOptions) -> FitResult:
         if info.is_main:
             logger.info("resumed from %s at step %d", resume_from, step)
 
-    tokenizer_dir = str(dataset.tokenizer_dir) if (dataset.tokenizer_dir / "tokenizer.json").is_file() else (
-        opts.init_from if opts.init_from else None)
 
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "total_steps": total_steps, "data_position": step * global_batch,
@@ -333,6 +336,16 @@ def fit(opts: FitOptions) -> FitResult:
         stopper.restore()
     return FitResult(step=step, total_steps=total_steps, losses=losses, interrupted=interrupted,
                      checkpoint=str(saved) if saved else None)
+
+
+def _check_same_tokenizer(data_tokenizer: Path | None, model_folder: Path) -> None:
+    """The data must have been tokenised with the checkpoint's own tokenizer (same ids)."""
+    model_file = model_folder / "tokenizer.json"
+    if data_tokenizer is None or not model_file.is_file():
+        return
+    if (data_tokenizer / "tokenizer.json").read_bytes() != model_file.read_bytes():
+        raise ValueError(f"the data in {data_tokenizer.parent} was prepared with another tokenizer than the one in "
+                         f"{model_folder}; run `prepare --tokenizer {model_folder}` again")
 
 
 def write_samples(module: TrainingModule, opts: FitOptions, info: DistInfo, tokenizer_dir: str | None,
