@@ -240,10 +240,18 @@ def test_export_loads_with_identical_logits(setup, straight_run, tmp_path):
     ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
     assert torch.equal(model(ids), reference(ids))
     assert load_text_tokenizer(folder).get_vocab() == load_text_tokenizer(setup["model"]).get_vocab()
-    # The default bf16 export through the CLI, one shard.
-    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "bf16")]) == 0
+    # The default bf16 export through the CLI, one shard, MoVQGAN copied in: the pipeline (Loader node) reads it.
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "bf16"), "--movqgan",
+                     str(setup["model"] / TINY_MOVQGAN_FILE)]) == 0
     bf16 = load_transformer(tmp_path / "bf16", dtype=torch.bfloat16)
     assert torch.equal(bf16(ids), reference.to(torch.bfloat16)(ids))
+    from lumina_core.pipeline import LuminaPipeline
+    from lumina_core.request import Request
+    from lumina_core.sampling import SamplingConfig
+
+    pipe = LuminaPipeline.from_pretrained(tmp_path / "bf16", device="cpu", dtype=torch.float32)
+    images = pipe.decode(pipe.generate(Request(prompt="red fox", width=32, height=32), SamplingConfig(top_k=8)))
+    assert images.shape == (1, 3, 32, 32)
 
 
 def test_fit_refuses_data_from_another_tokenizer(setup, tmp_path):

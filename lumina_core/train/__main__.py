@@ -76,6 +76,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run recorded)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--movqgan", default=None, help="also copy this MoVQGAN .ckpt into the folder (self-contained)")
 
 
 def _add_vq(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         dtype = getattr(torch, args.dtype)
         out = export_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1e9))
+                              max_shard_bytes=int(args.max_shard_gb * 1e9), movqgan=args.movqgan)
         print(f"export: wrote {out}")
         return 0
     if args.command == "vq":

@@ -196,8 +196,12 @@ def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opti
 # Export to the official format
 
 def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_dir: str | Path | None = None,
-                    dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5_000_000_000) -> Path:
-    """Write config.json, sharded safetensors + index and the tokenizer files: an official-format model folder."""
+                    dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5_000_000_000,
+                    movqgan: str | Path | None = None) -> Path:
+    """Write config.json, sharded safetensors + index and the tokenizer files: an official-format model folder.
+
+    With `movqgan`, that .ckpt is copied in too, so the folder alone is enough for the Loader node.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -259,6 +263,18 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
     for name in TOKENIZER_FILES:
         if (tok / name).is_file():
             shutil.copy2(tok / name, out / name)
+    if movqgan is not None:
+        movqgan = Path(movqgan)
+        if not movqgan.is_file():
+            raise FileNotFoundError(f"MoVQGAN checkpoint not found: {movqgan}")
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{movqgan.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(movqgan, tmp)
+            os.replace(tmp, out / movqgan.name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     _atomic_write_text(out / "config.json", json.dumps(_official_config(config, state, tok, dtype), indent=2))
     return out
 
