@@ -1,6 +1,17 @@
 """`fit`: fine-tuning (or training from a config) with the official loss, AdamW, warm-up + cosine,
 gradient accumulation, clipping, bf16 autocast over float32 master weights, per-layer activation
-checkpointing, FSDP2 under torchrun, exact resume and SIGTERM-safe checkpoints."""
+checkpointing, FSDP2 under torchrun, exact resume and SIGTERM-safe checkpoints.
+
+Data order: optimizer step s consumes stream positions [s*G, (s+1)*G) of a seeded per-epoch
+permutation (G = micro_batch x accum x world_size); micro-batch m of rank r takes positions
+(m*W + r)*micro_batch ..., and whether a sample is unconditional is decided by its position alone.
+So a run with the same G gives the same batches for any split into processes and accumulation.
+
+SIGTERM/SIGINT set a flag; the loop saves at the next step boundary (all ranks agree through an
+all-reduce) and returns. Note that torchrun's agent, when it is the one signalled, gives its workers
+about 30 s before SIGKILL: with very large models, signal the workers (e.g. SLURM's srun) or rely
+on --save-every.
+"""
 from __future__ import annotations
 
 import dataclasses
