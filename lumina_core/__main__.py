@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .fileio import atomic_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -53,14 +53,8 @@ def _write_png(image, path: Path, metadata: dict) -> None:
 
     info = PngInfo()
     info.add_text("lumina_mgpt2", json.dumps(metadata, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def generate_command(args: argparse.Namespace) -> list[Path]:

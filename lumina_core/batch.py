@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image
 
+from .fileio import atomic_path, atomic_write_text
 from .request import Request
 from .tasks import get_task
 
@@ -278,36 +278,18 @@ def shard(items: Sequence[BatchItem], rank: int, world_size: int) -> list[BatchI
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic files
+# Atomic files (lumina_core.fileio: temp file in the same folder, fsync, os.replace)
 # ---------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     """Save a PNG atomically."""
-    _atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Write records as JSONL atomically (one compact JSON object a line)."""
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
@@ -364,7 +346,7 @@ def write_item_outputs(layout: str, out_dir: Path, item: BatchItem, images: Sequ
             save_image_atomic(image, out_dir / rel)
     elif layout == "geneval":
         # GenEval's scorer json.load()s this file: exactly the prompt's metadata object.
-        _atomic_write(out_dir / paths[0], lambda h: h.write((json.dumps(dict(item.source)) + "\n").encode()))
+        atomic_write_text(out_dir / paths[0], json.dumps(dict(item.source)) + "\n")
         for image, rel in zip(images, paths[1:]):
             save_image_atomic(image, out_dir / rel)
     elif layout == "dpg":
@@ -785,7 +767,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
     summary.failures.sort(key=lambda f: f["line"])
     if info.rank == 0:
         merge_manifests(out, options.layout)
-        _atomic_write(out / SUMMARY, lambda h: h.write(json.dumps(summary.to_dict(), indent=2).encode()))
+        atomic_write_text(out / SUMMARY, json.dumps(summary.to_dict(), indent=2))
     # Every rank returns once the merged manifest exists, and no rank tears the group down under rank 0.
     _barrier(info)
     return summary

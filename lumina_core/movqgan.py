@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -389,13 +390,5 @@ def save_movqgan(model: MoVQGAN, path: str | os.PathLike) -> None:
     """Write the model as an official-format flat OrderedDict .ckpt, atomically."""
     path = Path(path)
     state_dict = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)

@@ -20,11 +20,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from .fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -342,16 +343,7 @@ def _cache_read(path: Path) -> dict | None:
 
 def _cache_write(path: Path, record: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1))
     except OSError as error:
         logger.warning("ThinkPrompt: could not write cache file %s (%s)", path, error)
 

@@ -6,13 +6,12 @@ of the released weights, without 17 GB of downloads: this writes one with random
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .fileio import atomic_path, atomic_write_text
 from .model import build_transformer
 
 TINY_MOVQGAN_FILE = "movqgan.ckpt"
@@ -27,15 +26,9 @@ def save_transformer(model: torch.nn.Module, folder: str | Path, dtype: torch.dt
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _atomic_write(folder / "config.json", json.dumps(config, indent=2))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
     return folder
 
 
@@ -66,14 +59,3 @@ def write_tiny_checkpoint(folder: str | Path, *, words: str | list[str] = (), nu
     save_transformer(model, folder, dtype=dtype)
     save_movqgan(movq, folder / TINY_MOVQGAN_FILE)
     return folder
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

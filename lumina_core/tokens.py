@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+
+from .fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -372,8 +373,8 @@ def build_tokenizer(folder: str | os.PathLike, words: Iterable[str] | str = (), 
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,
     }
-    _atomic_write_text(folder / "tokenizer.json", tok.to_str())
-    _atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(folder / "tokenizer.json", tok.to_str())
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
     return load_text_tokenizer(folder)
 
 
@@ -381,15 +382,3 @@ def _tokenizers_regex() -> Any:
     from tokenizers import Regex
 
     return Regex(r"[a-z]+|[0-9]|[^\sa-z0-9]")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

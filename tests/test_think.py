@@ -139,7 +139,7 @@ def test_cache_hit_makes_no_request(server, tmp_path):
     refine_prompt("a red cube", cfg(server, tmp_path, seed=4))
     assert len(server.requests) == 2
     files = list((tmp_path / "think-cache").glob("*.json"))
-    assert len(files) == 1 and not list((tmp_path / "think-cache").glob(".tmp-*"))
+    assert len(files) == 1 and not list((tmp_path / "think-cache").glob(".*.tmp"))
 
 
 def test_timeout_falls_back_to_user_prompt(server, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..fileio import atomic_path, atomic_write_text
 from .distributed import DistInfo, barrier, gather_objects
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -31,17 +32,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 MODEL_PREFIX = "transformer."  # the training wrapper holds the transformer under this name
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +152,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
-        _atomic_write_text(root / LATEST_FILE, name)
+        atomic_write_text(root / LATEST_FILE, name)
         older = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
         for stale in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
@@ -242,19 +232,13 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
             file_name = f"model-{i:05d}-of-{total:05d}.safetensors"
             tensors = {n: handle.get_tensor(n).to(dtype).contiguous() for n in shard}
             total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{file_name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata={"format": "pt"})
-                os.replace(tmp, out / file_name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_path(out / file_name) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
             weight_map.update({n: file_name for n in shard})
     for stale in out.glob("model*.safetensors"):
         if stale.name not in set(weight_map.values()):
             stale.unlink()
-    _atomic_write_text(out / "model.safetensors.index.json",
+    atomic_write_text(out / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else (
         Path(state["tokenizer_dir"]) if state.get("tokenizer_dir") else None)
@@ -267,15 +251,9 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
         movqgan = Path(movqgan)
         if not movqgan.is_file():
             raise FileNotFoundError(f"MoVQGAN checkpoint not found: {movqgan}")
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{movqgan.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(out / movqgan.name) as tmp:
             shutil.copyfile(movqgan, tmp)
-            os.replace(tmp, out / movqgan.name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    _atomic_write_text(out / "config.json", json.dumps(_official_config(config, state, tok, dtype), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(_official_config(config, state, tok, dtype), indent=2))
     return out
 
 

@@ -24,12 +24,13 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from ..fileio import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -226,17 +227,6 @@ def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
 # --------------------------------------------------------------------------------------------
 # Shards and the index
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_shard(path: Path, records: Sequence[tuple[list[int], int]]) -> int:
     from safetensors.torch import save_file
 
@@ -245,14 +235,8 @@ def _write_shard(path: Path, records: Sequence[tuple[list[int], int]]) -> int:
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     tokens = torch.tensor([t for ids, _ in records for t in ids], dtype=torch.int32)
     prompt_lengths = torch.tensor([p for _, p in records], dtype=torch.int64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}, str(tmp))
     return int(offsets[-1])
 
 
@@ -343,7 +327,7 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                     f.write(json.dumps(entry) + "\n")
                     index["bad_by_kind"][entry["kind"]] = index["bad_by_kind"].get(entry["kind"], 0) + 1
         index["items_done"] = items_done
-        _atomic_write_text(index_path, json.dumps(index, indent=1))
+        atomic_write_text(index_path, json.dumps(index, indent=1))
         pending.clear()
         pending_bad.clear()
 

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "vq_state.pt"
@@ -93,14 +94,8 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train_vq(opts: VQOptions) -> Path:
