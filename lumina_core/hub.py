@@ -106,6 +106,17 @@ def _not_found(what: str, name: str, searched: Iterable[Path], files: str, reaso
     return ModelNotFoundError("\n".join(lines))
 
 
+def _refuse_download_if_off(what: str, name: str, searched: Iterable[Path], files: str, target: Path | None,
+                            hint: str, auto_download: bool, *, by_hand: str, reason_detail: str = "") -> None:
+    """Raise the not-found error when a download is needed but auto-download is off or HF_HUB_OFFLINE is set."""
+    if not auto_download:
+        raise _not_found(what, name, searched, files, "not downloaded, auto-download is off", target, hint)
+    if _offline():
+        raise _not_found(what, name, searched, files,
+                         f"offline mode (HF_HUB_OFFLINE) forbids downloading{reason_detail}", target,
+                         f"Unset HF_HUB_OFFLINE to download, or {by_hand}.")
+
+
 def resolve_model(name_or_path: str | os.PathLike, *, search_dirs: Sequence[str | os.PathLike] = (),
                   auto_download: bool = False, allow_paths: bool = True, tqdm_class: Any = None,
                   cache_dir: str | os.PathLike | None = None) -> Path:
@@ -158,13 +169,8 @@ def resolve_model(name_or_path: str | os.PathLike, *, search_dirs: Sequence[str 
             return folder
     except Exception:  # not cached (LocalEntryNotFoundError and friends): fall through
         pass
-    if not auto_download:
-        raise _not_found("model", name, searched, MODEL_FILES_HELP, "not downloaded, auto-download is off",
-                         target, hint)
-    if _offline():
-        raise _not_found("model", name, searched, MODEL_FILES_HELP,
-                         f"offline mode (HF_HUB_OFFLINE) forbids downloading{incomplete}", target,
-                         "Unset HF_HUB_OFFLINE to download, or copy the files by hand.")
+    _refuse_download_if_off("model", name, searched, MODEL_FILES_HELP, target, hint, auto_download,
+                            reason_detail=incomplete, by_hand="copy the files by hand")
     logger.info("downloading %s to %s", name, target or "the Hugging Face cache")
     try:
         folder = Path(snapshot_download(name, allow_patterns=MODEL_ALLOW_PATTERNS,
@@ -213,13 +219,8 @@ def resolve_movqgan(name_or_path: str | os.PathLike = MOVQGAN_FILE, *, search_di
         return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # not cached
         pass
-    if not auto_download:
-        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, "not downloaded, auto-download is off",
-                         target, hint)
-    if _offline():
-        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE,
-                         "offline mode (HF_HUB_OFFLINE) forbids downloading", target,
-                         "Unset HF_HUB_OFFLINE to download, or copy the file by hand.")
+    _refuse_download_if_off("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, target, hint, auto_download,
+                            by_hand="copy the file by hand")
     logger.info("downloading %s/%s to %s", MOVQGAN_REPO, MOVQGAN_FILE, target or "the Hugging Face cache")
     try:
         return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_dir=str(target) if target else None,
