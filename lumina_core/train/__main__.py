@@ -88,6 +88,8 @@ def _add_vq(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="square training crop side (multiple of 8)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="cosine-decay the lr to this by the last step")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="bf16: autocast (faster on CPUs with bf16)")
     p.add_argument("--beta", type=float, default=0.25, help="commitment-loss weight")
     p.add_argument("--ch", type=int, default=32, help="base channels (multiple of 32: GroupNorm(32))")
     p.add_argument("--ch-mult", default="1,2,2,4", help="channel multipliers per level (4 levels = 8x down)")
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from .vq import VQOptions, train_vq
 
         opts = VQOptions(images=args.images, out=args.out, ckpt=args.ckpt, steps=args.steps, size=args.size,
-                         batch=args.batch, lr=args.lr, beta=args.beta, ch=args.ch,
+                         batch=args.batch, lr=args.lr, min_lr=args.min_lr, precision=args.precision, beta=args.beta, ch=args.ch,
                          ch_mult=tuple(int(x) for x in args.ch_mult.split(",")), num_res_blocks=args.num_res_blocks,
                          n_embed=args.n_embed, reset_dead_every=args.reset_dead_every, seed=args.seed,
                          save_every=args.save_every, device=args.device)

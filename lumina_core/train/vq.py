@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class VQOptions:
     size: int = 64                      # training crops are size x size
     batch: int = 8
     lr: float = 2e-4
+    min_lr: float | None = None         # cosine decay from lr to min_lr over the run (None: constant lr)
+    precision: str = "fp32"             # "bf16": autocast encoder/decoder (about 1.5x faster on CPUs with bf16)
     beta: float = 0.25                  # commitment weight
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)
@@ -140,8 +143,13 @@ def train_vq(opts: VQOptions) -> Path:
             flip = torch.rand(opts.batch) < 0.5
             batch[flip] = batch[flip].flip(-1)
             batch = batch.to(device)
-            recon, codebook_loss, commitment_loss, codes = model(batch, beta=opts.beta)
-            rec_loss = F.l1_loss(recon, batch)
+            if opts.min_lr is not None:
+                progress = step / max(1, opts.steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = opts.min_lr + (opts.lr - opts.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+                recon, codebook_loss, commitment_loss, codes = model(batch, beta=opts.beta)
+            rec_loss = F.l1_loss(recon.float(), batch)
             loss = rec_loss + codebook_loss + commitment_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
