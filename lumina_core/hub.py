@@ -20,6 +20,8 @@ MOVQGAN_REPO = "ai-forever/MoVQGAN"
 MOVQGAN_FILE = "movqgan_270M.ckpt"
 # Files fetched from a model repo (no code, no optimizer state).
 MODEL_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+# Models shipped inside the package, found by name: the embedded demo (lumina_core.demo.build).
+BUILTIN_MODELS = {"demo": Path(__file__).resolve().parent / "assets" / "demo"}
 MODEL_FILES_HELP = ("config.json, model.safetensors (or model-0000N-of-0000M.safetensors shards with "
                     "model.safetensors.index.json), tokenizer.json, tokenizer_config.json")
 
@@ -148,6 +150,12 @@ def resolve_model(name_or_path: str | os.PathLike, *, search_dirs: Sequence[str 
             logger.info("model folder %s is incomplete (missing %s); resuming the download", candidate, missing)
             incomplete = f"; {candidate} lacks {', '.join(missing)}"
             break
+    if name in BUILTIN_MODELS and not incomplete:
+        builtin = BUILTIN_MODELS[name]
+        if not (builtin / "config.json").is_file():
+            raise ModelNotFoundError(f"the embedded {name!r} model is missing from {builtin}; rebuild it with "
+                                     "`python -m lumina_core.demo.build --out DIR --install`")
+        return _checked_model_folder(builtin)
     # A bare official folder name ("Lumina-mGPT-2.0") may be fetched from its repo.
     name = {_folder_name(r): r for r in OFFICIAL_MODEL_REPOS}.get(name, name)
     target = dirs[0] / _folder_name(name) if dirs else None
