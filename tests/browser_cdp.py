@@ -1,4 +1,5 @@
-"""A minimal Chrome DevTools Protocol client (stdlib only) for the headless-browser test of the web extension."""
+"""Stdlib-only clients for the ComfyUI server tests: a minimal WebSocket (ComfyUI's event stream) and a
+minimal Chrome DevTools Protocol client on top of it (the headless-browser test of the web extension)."""
 from __future__ import annotations
 
 import base64
@@ -13,22 +14,28 @@ import urllib.request
 from urllib.parse import urlsplit
 
 
-class CDP:
-    """One page target: send commands, collect events (console errors, exceptions)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, ws_url: str):
-        parts = urlsplit(ws_url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=120)
+
+class WebSocket:
+    """Just enough of RFC 6455 for a test client: handshake, masked text frames out, messages in."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         header = b""
         while b"\r\n\r\n" not in header:
             header += self.sock.recv(1)
-        self.next_id = 0
-        self.events: list[dict] = []
+        assert b" 101 " in header.split(b"\r\n")[0], header
 
-    def _send(self, text: str) -> None:
+    def send_text(self, text: str) -> None:
+        """Send one text frame (client frames are masked)."""
         payload = text.encode()
         mask = os.urandom(4)
         head = bytes([0x81])
@@ -47,14 +54,16 @@ class CDP:
         while len(data) < n:
             chunk = self.sock.recv(n - len(data))
             if not chunk:
-                raise ConnectionError("devtools socket closed")
+                raise ConnectionError("websocket closed")
             data += chunk
         return bytes(data)
 
-    def _receive(self) -> dict:
-        message = b""
+    def receive(self) -> tuple[int, bytes]:
+        """The next message: (opcode of its first frame: 1 text, 2 binary; payload of all its fragments)."""
+        opcode, message = None, b""
         while True:
             first, second = self._exact(2)
+            opcode = first & 0x0F if opcode is None else opcode
             length = second & 0x7F
             if length == 126:
                 length = struct.unpack(">H", self._exact(2))[0]
@@ -62,14 +71,28 @@ class CDP:
                 length = struct.unpack(">Q", self._exact(8))[0]
             message += self._exact(length)
             if first & 0x80:
-                return json.loads(message)
+                return opcode, message
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.sock.close()
+
+
+class CDP:
+    """One page target: send commands, collect events (console errors, exceptions)."""
+
+    def __init__(self, ws_url: str):
+        parts = urlsplit(ws_url)
+        self.ws = WebSocket(parts.hostname, parts.port, parts.path, timeout=120)
+        self.next_id = 0
+        self.events: list[dict] = []
 
     def call(self, method: str, **params) -> dict:
         self.next_id += 1
         my_id = self.next_id
-        self._send(json.dumps({"id": my_id, "method": method, "params": params}))
+        self.ws.send_text(json.dumps({"id": my_id, "method": method, "params": params}))
         while True:
-            message = self._receive()
+            message = json.loads(self.ws.receive()[1])
             if message.get("id") == my_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
@@ -102,10 +125,7 @@ class CDP:
 
 def launch(chromium: str, width: int = 1800, height: int = 1000) -> tuple[subprocess.Popen, CDP]:
     """Start headless Chromium on about:blank and attach to its page."""
-    port_socket = socket.socket()
-    port_socket.bind(("127.0.0.1", 0))
-    port = port_socket.getsockname()[1]
-    port_socket.close()
+    port = free_port()
     profile = tempfile.mkdtemp(prefix="chromium-")
     process = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -14,11 +14,10 @@ websocket.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -37,13 +36,18 @@ COMFYUI = os.environ.get("COMFYUI_PATH", "")
 if not COMFYUI:
     pytest.skip("COMFYUI_PATH is not set (a ComfyUI checkout to run the workflows in)", allow_module_level=True)
 
+
+def _load_clients():
+    """tests/browser_cdp.py (WebSocket, CDP, free_port): tests/ is no package, so load it by path."""
+    spec = importlib.util.spec_from_file_location("browser_cdp", REPO / "tests" / "browser_cdp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+clients = _load_clients()
+
 DEMO_CAPTION = "a red circle in the top left"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -51,7 +55,7 @@ class Server:
 
     def __init__(self, base: Path):
         self.base = base
-        self.port = free_port()
+        self.port = clients.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         self.log = open(base / "server.log", "w")
@@ -113,41 +117,6 @@ class Server:
         self.log.close()
 
 
-class WebSocket:
-    """Just enough of RFC 6455 to read ComfyUI's events (text JSON and binary preview frames)."""
-
-    def __init__(self, port: int, client_id: str):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        header = b""
-        while b"\r\n\r\n" not in header:
-            header += self.sock.recv(1)
-        assert b" 101 " in header.split(b"\r\n")[0], header
-
-    def _exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            data += chunk
-        return data
-
-    def receive(self) -> tuple[int, bytes]:
-        first, second = self._exact(2)
-        opcode, length = first & 0x0F, second & 0x7F
-        if length == 126:
-            length = struct.unpack(">H", self._exact(2))[0]
-        elif length == 127:
-            length = struct.unpack(">Q", self._exact(8))[0]
-        return opcode, self._exact(length)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sys.path.insert(0, str(REPO))
@@ -175,7 +144,7 @@ def shrink(prompt: dict) -> dict:
         if node["class_type"] == "LuminaMGPT2ARSamplerSJD":
             inputs["top_k"] = 16
         if node["class_type"] == "LuminaMGPT2ThinkPrompt":
-            inputs["endpoint"] = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: falls back
+            inputs["endpoint"] = f"http://127.0.0.1:{clients.free_port()}/v1"  # nothing listens: falls back
         if node["class_type"] == "LuminaMGPT2VerifierBestOfN":
             inputs["verifiers"], inputs["prompt"] = "demo_check", DEMO_CAPTION
     return prompt
@@ -212,7 +181,7 @@ def test_progress_previews_and_cancel(server):
     sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")
     prompt[sampler_id]["inputs"]["top_k"] = 16
     client = uuid.uuid4().hex
-    ws = WebSocket(server.port, client)
+    ws = clients.WebSocket("127.0.0.1", server.port, f"/ws?clientId={client}", timeout=60)
     try:
         # Full run: progress once per row, previews as binary frames.
         prompt_id = server.queue(prompt, client)
@@ -297,12 +266,7 @@ def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
         pytest.skip("no Chromium on PATH (apt-get install chromium)")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("browser_cdp", REPO / "tests" / "browser_cdp.py")
-    cdp_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cdp_module)
-    process, cdp = cdp_module.launch(chromium)
+    process, cdp = clients.launch(chromium)
     try:
         # A returning user: no first-visit templates dialog over the canvas.
         server.post("/settings/Comfy.TutorialCompleted", True)
@@ -381,7 +345,7 @@ def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path
 
         # Run the ThinkPrompt + best-of-N workflow from the browser (tiny sizes, offline stand-ins), then
         # look for the final prompt, the score badges and the images on the nodes.
-        closed_port = free_port()
+        closed_port = clients.free_port()
         cdp.evaluate(f"""(async () => {{
             await app.loadGraphData({(UI_DIR / 'lumina_mgpt2_t2i_think_best_of_n.json').read_text()}, true, true, "shot");
             const set = (type, name, value) => {{
