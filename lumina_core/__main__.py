@@ -10,6 +10,24 @@ from typing import Optional, Sequence
 from .fileio import atomic_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+AUTO_MODEL = "auto"
+OFFICIAL_MODEL = "Alpha-VLLM/Lumina-mGPT-2.0"
+
+
+def choose_model(name: str, download: bool) -> str:
+    """Resolve the 'auto' default: the official model when present locally (or being downloaded), else the demo."""
+    if name != AUTO_MODEL:
+        return name
+    if download:
+        return OFFICIAL_MODEL
+    from .hub import ModelNotFoundError, resolve_model
+
+    try:
+        return str(resolve_model(OFFICIAL_MODEL))
+    except ModelNotFoundError:
+        print(f"no local weights of {OFFICIAL_MODEL} (pass --download to fetch them): "
+              "using the embedded demo model", file=sys.stderr)
+        return "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lumina_core", description="Lumina-mGPT 2.0 from the shell.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images and write PNGs (settings in their metadata)")
-    g.add_argument("--model", default="Alpha-VLLM/Lumina-mGPT-2.0", help="checkpoint folder or Hugging Face repo id")
+    g.add_argument("--model", default=AUTO_MODEL,
+                   help="checkpoint folder, Hugging Face repo id, or 'demo' (the embedded model). Default: "
+                        f"{OFFICIAL_MODEL} when its weights are present, else 'demo'")
     g.add_argument("--movqgan", default=None, help="path of movqgan_270M.ckpt (default: in the model folder or hub)")
     g.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
     g.add_argument("--prompt", default=None, help="the prompt (or --prompts FILE for a batch)")
@@ -111,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        args.model = choose_model(args.model, args.download)
         if args.command == "generate" and args.prompts:
             from .batch import batch_command
 

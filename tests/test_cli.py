@@ -47,3 +47,13 @@ def test_bad_settings_exit_with_a_clear_message(tiny_folder, tmp_path, capsys, a
               "--device", "cpu", "--output", str(tmp_path), *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_auto_model_falls_back_to_the_demo_without_official_weights(tmp_path, monkeypatch, capsys):
+    from lumina_core.__main__ import OFFICIAL_MODEL, choose_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    assert choose_model("auto", download=False) == "demo"
+    assert "embedded demo model" in capsys.readouterr().err
+    assert choose_model("auto", download=True) == OFFICIAL_MODEL
+    assert choose_model("some/folder", download=False) == "some/folder"
