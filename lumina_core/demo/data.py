@@ -220,13 +220,20 @@ def render(caption: Caption, rng: np.random.Generator, background: str | None = 
     return np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX))
 
 
-def edge_map(image: np.ndarray, threshold: float = 40.0) -> np.ndarray:
-    """White-on-black edge map of an RGB uint8 image: largest per-channel central gradient above ``threshold``."""
+def edge_map(image: np.ndarray, threshold: float = 40.0, thicken: int = 1) -> np.ndarray:
+    """White-on-black edge map of an RGB uint8 image: largest per-channel central gradient above ``threshold``.
+
+    Lines are widened by ``thicken`` pixels on each side (about 4 px in all): at 8x downsampling a
+    1-2 px line is a faint detail that a 512-code tokenizer trained for minutes learns to drop.
+    """
     pixels = image.astype(np.float32)
     gy, gx = np.gradient(pixels, axis=(0, 1))
     magnitude = np.sqrt(gx ** 2 + gy ** 2).max(axis=2)
-    edges = np.where(magnitude > threshold, 255, 0).astype(np.uint8)
-    return np.repeat(edges[:, :, None], 3, axis=2)
+    edges = magnitude > threshold
+    for _ in range(thicken):
+        padded = np.pad(edges, 1)
+        edges = edges | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return np.repeat(np.where(edges, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 # --------------------------------------------------------------------------------------------
