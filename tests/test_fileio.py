@@ -37,3 +37,20 @@ def test_atomic_path_for_writers_that_take_a_path(tmp_path):
     with Image.open(target) as image:
         assert image.size == (4, 2) and image.getpixel((0, 0)) == (255, 0, 0)
     assert os.listdir(tmp_path) == ["out.png"]
+
+
+def test_written_files_follow_the_umask_not_mkstemp_0600(tmp_path):
+    import importlib
+    import os
+    import stat
+
+    import lumina_core.fileio as fileio
+
+    mask = os.umask(0o022)
+    try:
+        importlib.reload(fileio)  # the mode is read from the umask at import
+        fileio.atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(mask)
+        importlib.reload(fileio)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
