@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ..lumina_core.hub import OFFICIAL_MODEL_REPOS, is_repo_id, resolve_model, safe_model_name
+from ..lumina_core.hub import BUILTIN_MODELS, OFFICIAL_MODEL_REPOS, is_repo_id, resolve_model, safe_model_name
 from . import comfy_bridge as bridge
 from .common import CATEGORY, PIPE, NodeInputError
 
@@ -16,8 +16,8 @@ QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def model_choices() -> list[str]:
-    """The dropdown: checkpoint folders present in models/lumina_mgpt2, then the official repo ids."""
-    return list(dict.fromkeys([*bridge.local_model_names(), *OFFICIAL_MODEL_REPOS]))
+    """The dropdown: checkpoint folders present in models/lumina_mgpt2, the official repo ids, then the built-in demo."""
+    return list(dict.fromkeys([*bridge.local_model_names(), *OFFICIAL_MODEL_REPOS, *BUILTIN_MODELS]))
 
 
 def checked_model_name(model: str) -> str:
