@@ -2,23 +2,46 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Optional
 
 import torch
 
+from ..lumina_core.sampling import GUIDANCE_MODES
 from . import comfy_bridge as bridge
 from .common import CATEGORY, CODES, PIPE, REQUEST, NodeInputError
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+GUIDANCE_TOOLTIP = ("How cfg is applied over the image. official: the official schedule, which never lets "
+                    "guidance fall below 4.0 inside the image: a cfg in (1, 4) becomes 4.0 at the first image "
+                    "token, a cfg above 4 decays towards 4.0 as the rows fill (cfg 1 = off stays off). "
+                    "constant: cfg at every token, so a cfg below 4 really applies (small models such as the "
+                    "built-in demo want constant with cfg 1.5-2).")
 # Share of the generation time that previews may use (the issue allows 10 %; stay well under).
 PREVIEW_BUDGET = 0.05
 PREVIEW_EVERY_ROWS = 4
 # No preview before this much generation time: short runs need none, and the first decode (whose
-# cost is not known yet) stays small against the time already spent.
+# cost is not known yet) stays small against the time already spent. The environment variable
+# overrides it (e.g. 0 to see previews of short runs, as the server test does).
 PREVIEW_FIRST_AFTER_S = 1.0
+PREVIEW_FIRST_AFTER_ENV = "LUMINA_MGPT2_PREVIEW_FIRST_AFTER_S"
+
+
+def first_preview_delay() -> float:
+    """Seconds of generation before the first preview: the environment override, else PREVIEW_FIRST_AFTER_S."""
+    raw = os.environ.get(PREVIEW_FIRST_AFTER_ENV, "").strip()
+    if not raw:
+        return PREVIEW_FIRST_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:  # also refuses nan
+        raise ValueError(f"{PREVIEW_FIRST_AFTER_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 class PreviewPolicy:
@@ -29,9 +52,9 @@ class PreviewPolicy:
     """
 
     def __init__(self, budget: float = PREVIEW_BUDGET, every_rows: int = PREVIEW_EVERY_ROWS,
-                 clock: Callable[[], float] = time.perf_counter, first_after: float = PREVIEW_FIRST_AFTER_S):
+                 clock: Callable[[], float] = time.perf_counter, first_after: Optional[float] = None):
         self.budget = budget
-        self.first_after = first_after
+        self.first_after = first_preview_delay() if first_after is None else first_after
         self.every_rows = max(1, every_rows)
         self.clock = clock
         self.start = clock()
@@ -118,7 +141,7 @@ class LuminaMGPT2ARSamplerSJD:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        """pipe, request, seed, cfg, top_k, temperature, sjd, sjd_window, batch_size."""
+        """pipe, request, seed, cfg, top_k, temperature, sjd, sjd_window, batch_size; optional guidance."""
         return {
             "required": {
                 "pipe": (PIPE,),
@@ -136,19 +159,27 @@ class LuminaMGPT2ARSamplerSJD:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images per run (feed "
                                        "several to Verifier-BestOfN)."}),
             },
+            # Optional and last, so that workflows saved before it existed keep their widget values in
+            # line and queue without it (the frontend and sample() then use "official").
+            "optional": {
+                "guidance": (list(GUIDANCE_MODES), {"default": "official", "tooltip": GUIDANCE_TOOLTIP}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, pipe: Any, request: Any, seed: int, cfg: float, top_k: int, temperature: float, sjd: bool,
-               sjd_window: int, batch_size: int, unique_id: Optional[str] = None,
+               sjd_window: int, batch_size: int, guidance: str = "official", unique_id: Optional[str] = None,
                previews: bool = True) -> tuple:
         """Run the pipeline's generate under ComfyUI's memory manager, progress bar and cancel button."""
         from ..lumina_core.sampling import GenerationCancelled, SamplingConfig
 
         if not hasattr(pipe, "generate"):
             raise NodeInputError("the pipe input must come from the Lumina-mGPT 2.0 Loader")
-        sampling = SamplingConfig(cfg=float(cfg), top_k=int(top_k), temperature=float(temperature), sjd=bool(sjd),
-                                  sjd_window=int(sjd_window), seed=int(seed), num_images=int(batch_size))
+        if guidance not in GUIDANCE_MODES:
+            raise NodeInputError(f"guidance {guidance!r} is not one of {list(GUIDANCE_MODES)}")
+        sampling = SamplingConfig(cfg=float(cfg), guidance=guidance, top_k=int(top_k), temperature=float(temperature),
+                                  sjd=bool(sjd), sjd_window=int(sjd_window), seed=int(seed),
+                                  num_images=int(batch_size))
         bridge.load_on_device(pipe, memory_required=kv_cache_bytes(pipe, request, int(batch_size)))
         rows = request.height // 8
         progress = RowProgress(pipe, rows, node_id=unique_id, previews=previews)

@@ -160,7 +160,7 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
     if source is not None:
         g.link(source[0], source[1], composer, "image")
     sampler = g.add("LuminaMGPT2ARSamplerSJD", {"batch_size": max(1, best_of)}, pos=(x + 1140, 0),
-                    size=(320, 330))
+                    size=(320, 360))
     g.link(loader, "pipe", sampler, "pipe")
     g.link(composer, "request", sampler, "request")
     decode = g.add("LuminaMGPT2VQDecode", {}, pos=(x + 1500, 0), size=(260, 120))
@@ -194,7 +194,8 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
 def catalogue(info: dict) -> dict[str, Graph]:
     """Every shipped workflow, by file stem."""
     common = ["Loader: pick the model (or enable auto_download).",
-              "Sampler: seed, cfg (4.0 official), top_k (4096 official); SJD on for speed."]
+              "Sampler: seed, cfg (4.0 official), top_k (4096 official); SJD on for speed; guidance: "
+              "official keeps the guidance at 4.0 or more inside the image, constant applies cfg as set."]
     out: dict[str, Graph] = {}
     out["t2i"] = build(info, "t2i", "Text to image", common + ["Composer: write the prompt; 768x768 by default."],
                        "A lighthouse on a rocky cliff at sunset, waves crashing below, warm golden light, highly "

@@ -62,7 +62,10 @@ class Server:
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-api-nodes",
              "--base-directory", str(base), "--preview-method", "auto"],
-            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT,
+            # Previews from the first rows on: a fast CPU run would otherwise finish before the
+            # sampler's first-preview delay and send none.
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "LUMINA_MGPT2_PREVIEW_FIRST_AFTER_S": "0"})
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -235,6 +238,17 @@ def test_progress_previews_and_cancel(server):
         assert again["status"]["status_str"] == "success", again["status"]
     finally:
         ws.close()
+
+
+def test_prompt_saved_before_the_guidance_widget_still_runs(server):
+    prompt = shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))
+    sampler = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")
+    del sampler["inputs"]["guidance"]
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    sampler["inputs"]["guidance"] = "linear"
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 400 and "value_not_in_list" in json.dumps(body)
 
 
 def test_bad_inputs_are_refused_with_reasons(server):

@@ -73,7 +73,17 @@ def test_sampler_seed_has_control_after_generate(nodes):
     assert seed["control_after_generate"] is True and seed["max"] == 2**64 - 1
 
 
-def test_loader_dropdown_lists_local_folders_and_official_repos(nodes, tmp_path, monkeypatch):
+def test_sampler_guidance_is_the_last_widget_and_optional(nodes):
+    info = wt.node_info("LuminaMGPT2ARSamplerSJD", nodes["LuminaMGPT2ARSamplerSJD"])
+    # Last, so widgets_values of workflows saved before it still line up; optional, so their API
+    # prompts (without it) still pass ComfyUI's validation.
+    assert wt.widget_slots(info)[-1] == ("guidance", "value")
+    kind, options = info["input"]["optional"]["guidance"]
+    assert kind == ["official", "constant"] and options["default"] == "official"
+    assert "4.0" in options["tooltip"] and "constant" in options["tooltip"]
+
+
+def test_loader_dropdown_lists_local_folders_official_repos_and_the_demo(pack, nodes, tmp_path, monkeypatch):
     (tmp_path / "my-finetune").mkdir()
     (tmp_path / "my-finetune" / "config.json").write_text("{}")
     (tmp_path / "not-a-model").mkdir()
@@ -81,6 +91,10 @@ def test_loader_dropdown_lists_local_folders_and_official_repos(nodes, tmp_path,
     choices = nodes["LuminaMGPT2Loader"].INPUT_TYPES()["required"]["model"][0]
     assert choices[0] == "my-finetune" and "not-a-model" not in choices
     assert "Alpha-VLLM/Lumina-mGPT-2.0" in choices and "Alpha-VLLM/Lumina-mGPT-2.0-Omni" in choices
+    # The built-in demo comes after the local folders and the official repos, and the loader accepts it.
+    assert choices[-1] == "demo" and choices.index("demo") > choices.index("Alpha-VLLM/Lumina-mGPT-2.0")
+    loader = sys.modules[f"{wt.PACK_MODULE}.nodes.loader"]
+    assert loader.checked_model_name(" demo ") == "demo"
 
 
 # --- composer ---------------------------------------------------------------------------------
@@ -275,6 +289,42 @@ def test_dual_panel_chain_splits_panels_and_keeps_the_reference(pack, tiny_pipe)
     assert_comfy_image(image, 1, 128, 64)
     assert_comfy_image(upper, 1, 64, 64)
     assert torch.equal(torch.cat([upper, lower], dim=1), image)
+
+
+@pytest.mark.slow
+def test_sampler_guidance_reaches_the_sampling(pack, tiny_pipe, monkeypatch):
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 32, 32, "a red fox", "official")["result"]
+    sampler = node(pack, "LuminaMGPT2ARSamplerSJD")
+    used = []
+    generate = tiny_pipe.generate
+    monkeypatch.setattr(tiny_pipe, "generate", lambda req, sampling, **kw: (used.append(sampling),
+                                                                             generate(req, sampling, **kw))[1])
+
+    def codes(cfg, *guidance):
+        return sampler.sample(tiny_pipe, request, 5, cfg, 16, 1.0, False, 16, 1, *guidance)[0].codes
+
+    saved_before_guidance = codes(2.0)  # a prompt without the widget: official
+    assert used[-1].guidance == "official"
+    constant_low = codes(2.0, "constant")
+    assert (used[-1].guidance, used[-1].cfg) == ("constant", 2.0)
+    # The official schedule lifts cfg 2 to 4.0 at every image token: the same as constant 4.0.
+    assert torch.equal(saved_before_guidance, codes(4.0, "constant"))
+    assert not torch.equal(constant_low, saved_before_guidance)  # constant 2 really is weaker
+    with pytest.raises(sys.modules[f"{wt.PACK_MODULE}.nodes.common"].NodeInputError, match="official"):
+        codes(2.0, "linear")
+
+
+def test_first_preview_delay_can_be_set_in_the_environment(pack, monkeypatch):
+    sampler = sys.modules[f"{wt.PACK_MODULE}.nodes.sampler"]
+    monkeypatch.delenv(sampler.PREVIEW_FIRST_AFTER_ENV, raising=False)
+    assert sampler.PreviewPolicy().first_after == sampler.PREVIEW_FIRST_AFTER_S == 1.0
+    monkeypatch.setenv(sampler.PREVIEW_FIRST_AFTER_ENV, "0")
+    policy = sampler.PreviewPolicy(every_rows=4, clock=lambda: 0.0)  # no time passes at all
+    assert policy.first_after == 0.0 and not policy.due(3) and policy.due(4)
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(sampler.PREVIEW_FIRST_AFTER_ENV, bad)
+        with pytest.raises(ValueError, match=sampler.PREVIEW_FIRST_AFTER_ENV):
+            sampler.PreviewPolicy()
 
 
 def test_progress_moves_per_row_with_previews(pack, tiny_pipe):

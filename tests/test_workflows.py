@@ -119,3 +119,15 @@ def test_validator_catches_broken_files(info, allowed):
     assert "LUMINA_CODES -> SaveImage.images (IMAGE)" in problems
     assert "widget width: 99999 > max" in problems
     assert "SomeoneElsesNode" in problems
+
+
+def test_sampler_workflows_saved_before_guidance_still_line_up(info):
+    """A sampler saved without the guidance widget keeps its other values in place and queues without it."""
+    workflow = load(wt.REPO / "workflows" / "lumina_mgpt2_t2i.json")
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "LuminaMGPT2ARSamplerSJD")
+    assert sampler["widgets_values"][-1] == "official"
+    current = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]
+    sampler["widgets_values"] = sampler["widgets_values"][:-1]  # the old file: one value fewer
+    old = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]
+    assert "guidance" not in old and old == {k: v for k, v in current.items() if k != "guidance"}
+    assert "guidance" not in info["LuminaMGPT2ARSamplerSJD"]["input"]["required"]  # optional: no validation error
