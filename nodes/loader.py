@@ -50,8 +50,10 @@ class LuminaMGPT2Loader:
         choices = model_choices()
         return {
             "required": {
-                "model": (choices, {"default": choices[0], "tooltip": "A folder in models/lumina_mgpt2, or an "
-                                    "official Hugging Face repo id (needs auto_download or a prior download)."}),
+                "model": (choices, {"default": choices[0], "tooltip": "A folder in models/lumina_mgpt2, an "
+                                    "official Hugging Face repo id (needs auto_download or a prior download), or "
+                                    "demo: the tiny built-in shapes model (64x64; sampler guidance constant, "
+                                    "cfg 1.5-2, top_k ~50)."}),
                 "auto_download": ("BOOLEAN", {"default": False, "tooltip": "Download a missing official model "
                                               "into models/lumina_mgpt2 (progress in the console)."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 where the device is fast "
