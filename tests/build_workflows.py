@@ -193,11 +193,16 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
 
 def catalogue(info: dict) -> dict[str, Graph]:
     """Every shipped workflow, by file stem."""
+    demo = ("Try it without downloads: pick demo in the Loader (a tiny built-in model of coloured shapes) and set "
+            "the sampler to guidance constant, cfg 1.5, top_k 50. ")
     common = ["Loader: pick the model (or enable auto_download).",
               "Sampler: seed, cfg (4.0 official), top_k (4096 official); SJD on for speed; guidance: "
               "official keeps the guidance at 4.0 or more inside the image, constant applies cfg as set."]
     out: dict[str, Graph] = {}
-    out["t2i"] = build(info, "t2i", "Text to image", common + ["Composer: write the prompt; 768x768 by default."],
+    out["t2i"] = build(info, "t2i", "Text to image",
+                       common + ["Composer: write the prompt; 768x768 by default.",
+                                 demo + "Composer: 64x64 and a prompt such as 'a blue square in the bottom right' "
+                                        "or 'a red circle above a green triangle'."],
                        "A lighthouse on a rocky cliff at sunset, waves crashing below, warm golden light, highly "
                        "detailed photograph.", width=768, height=768)
     out["t2i_think_best_of_n"] = build(
@@ -224,7 +229,10 @@ def catalogue(info: dict) -> dict[str, Graph]:
                   "template: the official code has no edit string)."],
         "Make it a snowy winter evening.", width=512, height=1024, image=EXAMPLE_IMAGE)
     for cond in ("canny", "depth", "pose", "hed"):
-        settings = common + ([f"LoadImage: any photo; the core Canny node makes the edge map (tune its thresholds)."]
+        settings = common + ([f"LoadImage: any photo; the core Canny node makes the edge map (tune its thresholds).",
+                              demo + "Composer: 64x128 and a prompt such as 'a green circle in the top left'. Load a "
+                                     "white-on-black edge map of simple shapes with lines about 4 px wide and connect "
+                                     "it straight to the composer (Canny's 1 px lines are too thin for the demo)."]
                              if cond == "canny" else
                              [f"LoadImage: a {CONDITION_WORDS[cond]} (e.g. from a preprocessor pack such as "
                               f"comfyui_controlnet_aux); it fills the upper panel."])
