@@ -102,16 +102,20 @@ def eval_sjd(pipe: LuminaPipeline, captions: list[data.Caption], cfg: float, top
 def eval_control(pipe: LuminaPipeline, captions: list[data.Caption], cfg: float, top_k: int, seed: int) -> dict:
     """control_canny: the edge map of a held-out image as the upper panel; the lower panel checked against the caption."""
     rng = np.random.default_rng(seed)
-    images, chance_labels = [], []
+    images, edges = [], []
     for i, caption in enumerate(captions):
         sample = data.make_sample("control_canny", caption, rng)
         request = Request(task="control_canny", prompt=caption.text(), width=SIZE, height=2 * SIZE,
                           reference=Image.fromarray(np.ascontiguousarray(sample.upper)))
         out = pipe.generate(request, sampling(cfg, top_k, seed + i, 1))
         images.append(tensor_to_uint8(pipe.decode(out)).numpy()[0][SIZE:])
+        edges.append(sample.upper)
     shuffled = captions[1:] + captions[:1]
-    chance_labels = shuffled
-    return {**score(images, captions), "chance": score(images, chance_labels)}
+    # Spatial following, whatever the colours: edges of the generated panel against the given edge map.
+    follow = [checker.edge_f1(data.edge_map(im), e) for im, e in zip(images, edges)]
+    follow_chance = [checker.edge_f1(data.edge_map(im), edges[(i + 1) % len(edges)]) for i, im in enumerate(images)]
+    return {**score(images, captions), "chance": score(images, shuffled), "edge_f1_to_reference": float(np.mean(follow)),
+            "chance_edge_f1": float(np.mean(follow_chance))}
 
 
 def eval_dense(pipe: LuminaPipeline, captions: list[data.Caption], cfg: float, top_k: int, seed: int) -> dict:

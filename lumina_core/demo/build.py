@@ -31,6 +31,7 @@ from pathlib import Path
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 MOVQGAN_NAME = "movqgan_demo.ckpt"
 BUILD_INFO = "build_info.json"
+SAMPLING_DEFAULTS = "sampling_defaults.json"   # read by front ends for sizes/guidance the demo was trained for
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class BuildPlan:
     layers: int = 4
     heads: int = 4
     max_positions: int = 256
-    fit_steps: int = 2500
+    fit_steps: int = 1300
     fit_batch: int = 64
     fit_lr: float = 1.5e-3
     fit_min_lr: float = 1.5e-4
@@ -165,6 +166,7 @@ def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | 
     stage("train export", model_dir / "config.json", lambda: _run(
         ["lumina_core.train", "export", str(run_dir), "--out", str(model_dir), "--dtype", "bfloat16",
          "--movqgan", str(movqgan)], log))
+    _write_json(model_dir / SAMPLING_DEFAULTS, sampling_defaults())
     _write_json(model_dir / BUILD_INFO, {
         "built_by": "python -m lumina_core.demo.build",
         "plan": dataclasses.asdict(plan),
@@ -178,15 +180,31 @@ def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | 
     return model_dir
 
 
+def sampling_defaults() -> dict:
+    """What to sample the demo with when the user does not say: its trained sizes, constant CFG 1.5, top-k 50.
+
+    The official schedule (any cfg in (1, 4) becomes 4.0) and top-k 4096 are far too strong for a
+    512-code model trained on shapes; CFG 3 and more breaks single-shape captions.
+    """
+    from . import data
+
+    sizes = {task: [data.IMAGE_SIZE, data.IMAGE_SIZE * (1 if task == "t2i" else 2)] for task in data.DEMO_TASKS}
+    return {"tasks": list(data.DEMO_TASKS), "sizes": sizes, "width": data.IMAGE_SIZE, "height": data.IMAGE_SIZE,
+            "cfg": 1.5, "guidance": "constant", "top_k": 50}
+
+
 def install(model_dir: str | os.PathLike, target: str | os.PathLike = ASSET_DIR) -> Path:
     """Copy a built model folder into the package (``lumina_core/assets/demo``), replacing what was there."""
     model_dir, target = Path(model_dir), Path(target)
     if not (model_dir / "config.json").is_file() or not (model_dir / MOVQGAN_NAME).is_file():
         raise FileNotFoundError(f"{model_dir} is not a built demo model (config.json and {MOVQGAN_NAME} expected)")
-    staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".demo."))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     for item in model_dir.iterdir():
         if item.is_file():
             shutil.copy2(item, staging / item.name)
+            os.chmod(staging / item.name, 0o644)  # atomic writers create 0600 files; package data is world-readable
+    os.chmod(staging, 0o755)
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
@@ -200,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the chain in minutes, model unusable")
     parser.add_argument("--install", action="store_true", help=f"copy the result to {ASSET_DIR}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the training subprocesses")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, MoVQGAN and transformer (shipped: 0)")
     args = parser.parse_args(argv)
     start = time.time()
-    model_dir = build(args.out, QUICK_PLAN if args.quick else BuildPlan(), threads=args.threads)
+    plan = dataclasses.replace(QUICK_PLAN if args.quick else BuildPlan(), seed=args.seed)
+    model_dir = build(args.out, plan, threads=args.threads)
     print(f"[demo build] model written to {model_dir} in {time.time() - start:.0f} s", flush=True)
     if args.install:
         print(f"[demo build] installed as {install(model_dir)}", flush=True)
