@@ -126,12 +126,38 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+# Options a model folder may preset in sampling_defaults.json (the embedded demo does: 64x64, constant cfg 1.5, top-k 50).
+_MODEL_DEFAULT_OPTIONS = {"cfg": "--cfg", "guidance": "--guidance", "top_k": "--top-k"}
+
+
+def apply_model_defaults(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Fill options the user did not type from the model folder's sampling_defaults.json (sizes per task, cfg, ...)."""
+    from .hub import ModelNotFoundError, resolve_model
+
+    try:
+        folder = resolve_model(args.model)
+    except (ModelNotFoundError, ValueError):
+        return  # not a local folder (yet): the command reports it when loading
+    path = Path(folder) / "sampling_defaults.json"
+    if not path.is_file():
+        return
+    defaults = json.loads(path.read_text(encoding="utf-8"))
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for key, flag in _MODEL_DEFAULT_OPTIONS.items():
+        if flag not in typed and key in defaults:
+            setattr(args, key, defaults[key])
+    size = defaults.get("sizes", {}).get(args.task)
+    if size and args.width is None and args.height is None:
+        args.width, args.height = size
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; bad settings exit with status 2 and a message naming what is allowed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.model = choose_model(args.model, args.download)
+        apply_model_defaults(args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "generate" and args.prompts:
             from .batch import batch_command
 

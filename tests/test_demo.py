@@ -76,3 +76,19 @@ def test_demo_control_and_dense_tasks_follow_the_reference(pipe):
             own.append(checker.edge_f1(edges, truth))
             other.append(checker.edge_f1(edges, wrong))
     assert np.mean(own) > 0.4 and np.mean(own) > np.mean(other) + 0.2, (np.mean(own), np.mean(other))
+
+
+def test_cli_main_command_runs_on_the_demo_with_its_defaults(tmp_path):
+    from lumina_core.__main__ import main
+
+    assert main(["generate", "--model", "demo", "--prompt", "a red circle above a blue square",
+                 "--num-images", "2", "--output", str(tmp_path)]) == 0
+    images = sorted(tmp_path.glob("*.png"))
+    assert len(images) == 2
+    meta = json.loads(Image.open(images[0]).info["lumina_mgpt2"])
+    assert Image.open(images[0]).size == (SIZE, SIZE)
+    assert (meta["cfg"], meta["guidance"], meta["top_k"]) == (1.5, "constant", 50)
+    # Typed options win over the model's defaults.
+    assert main(["generate", "--model", "demo", "--prompt", "a red circle above a blue square", "--cfg", "1",
+                 "--output", str(tmp_path / "b")]) == 0
+    assert json.loads(Image.open(next((tmp_path / "b").glob("*.png"))).info["lumina_mgpt2"])["cfg"] == 1.0
