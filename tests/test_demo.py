@@ -87,7 +87,7 @@ def test_cli_main_command_runs_on_the_demo_with_its_defaults(tmp_path):
     assert len(images) == 2
     meta = json.loads(Image.open(images[0]).info["lumina_mgpt2"])
     assert Image.open(images[0]).size == (SIZE, SIZE)
-    assert (meta["cfg"], meta["guidance"], meta["top_k"]) == (1.5, "constant", 50)
+    assert (meta["cfg"], meta["guidance"], meta["top_k"]) == (2.0, "constant", 50)
     # Typed options win over the model's defaults.
     assert main(["generate", "--model", "demo", "--prompt", "a red circle above a blue square", "--cfg", "1",
                  "--output", str(tmp_path / "b")]) == 0
