@@ -11,6 +11,8 @@ from .fileio import atomic_path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 AUTO_MODEL = "auto"
+# The official CLI's sampling defaults, used where neither the user nor the model folder sets one.
+OFFICIAL_SAMPLING = {"cfg": 4.0, "guidance": "official", "top_k": 4096}
 OFFICIAL_MODEL = "Alpha-VLLM/Lumina-mGPT-2.0"
 
 
@@ -48,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="full output width (default: the task's)")
     g.add_argument("--height", type=int, default=None, help="full output height; dual panel: both panels")
     g.add_argument("--reference", default=None, help="reference image (upper panel) for image-to-image tasks")
-    g.add_argument("--cfg", type=float, default=4.0)
-    g.add_argument("--guidance", default="official", choices=["official", "constant"])
-    g.add_argument("--top-k", type=int, default=4096)
+    # None = not typed: filled from the model folder's sampling_defaults.json, else OFFICIAL_SAMPLING.
+    g.add_argument("--cfg", type=float, default=None, help=f"default {OFFICIAL_SAMPLING['cfg']}")
+    g.add_argument("--guidance", default=None, choices=["official", "constant"],
+                   help=f"default {OFFICIAL_SAMPLING['guidance']}")
+    g.add_argument("--top-k", type=int, default=None, help=f"default {OFFICIAL_SAMPLING['top_k']}")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1)
@@ -126,26 +130,21 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-# Options a model folder may preset in sampling_defaults.json (the embedded demo does: 64x64, constant cfg 1.5, top-k 50).
-_MODEL_DEFAULT_OPTIONS = {"cfg": "--cfg", "guidance": "--guidance", "top_k": "--top-k"}
-
-
-def apply_model_defaults(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Fill options the user did not type from the model folder's sampling_defaults.json (sizes per task, cfg, ...)."""
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """Fill options the user did not type (None) from the model folder's sampling_defaults.json
+    (sizes per task, cfg, guidance, top-k; the embedded demo has one), else the official defaults."""
     from .hub import ModelNotFoundError, resolve_model
 
+    defaults: dict = {}
     try:
-        folder = resolve_model(args.model)
+        path = Path(resolve_model(args.model)) / "sampling_defaults.json"
+        if path.is_file():
+            defaults = json.loads(path.read_text(encoding="utf-8"))
     except (ModelNotFoundError, ValueError):
-        return  # not a local folder (yet): the command reports it when loading
-    path = Path(folder) / "sampling_defaults.json"
-    if not path.is_file():
-        return
-    defaults = json.loads(path.read_text(encoding="utf-8"))
-    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    for key, flag in _MODEL_DEFAULT_OPTIONS.items():
-        if flag not in typed and key in defaults:
-            setattr(args, key, defaults[key])
+        pass  # not a local folder (yet): the command reports it when loading
+    for key, official in OFFICIAL_SAMPLING.items():
+        if getattr(args, key) is None:
+            setattr(args, key, defaults.get(key, official))
     size = defaults.get("sizes", {}).get(args.task)
     if size and args.width is None and args.height is None:
         args.width, args.height = size
@@ -157,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.model = choose_model(args.model, args.download)
-        apply_model_defaults(args, sys.argv[1:] if argv is None else list(argv))
+        apply_model_defaults(args)
         if args.command == "generate" and args.prompts:
             from .batch import batch_command
 

@@ -57,3 +57,20 @@ def test_auto_model_falls_back_to_the_demo_without_official_weights(tmp_path, mo
     assert "embedded demo model" in capsys.readouterr().err
     assert choose_model("auto", download=True) == OFFICIAL_MODEL
     assert choose_model("some/folder", download=False) == "some/folder"
+
+
+def test_typed_options_win_over_model_defaults_even_abbreviated():
+    import json
+
+    from lumina_core.__main__ import OFFICIAL_SAMPLING, apply_model_defaults, build_parser
+    from lumina_core.hub import resolve_model
+
+    shipped = json.loads((resolve_model("demo") / "sampling_defaults.json").read_text())
+    args = build_parser().parse_args(["generate", "--model", "demo", "--prompt", "x", "--top", "20"])
+    apply_model_defaults(args)  # argparse accepts --top for --top-k: the typed 20 must survive
+    assert args.top_k == 20 != shipped["top_k"]
+    assert (args.guidance, args.cfg, [args.width, args.height]) == (
+        shipped["guidance"], shipped["cfg"], shipped["sizes"]["t2i"])
+    plain = build_parser().parse_args(["generate", "--model", "/no/such/folder", "--prompt", "x"])
+    apply_model_defaults(plain)
+    assert {k: getattr(plain, k) for k in OFFICIAL_SAMPLING} == OFFICIAL_SAMPLING
