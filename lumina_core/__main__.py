@@ -103,7 +103,7 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quant=args.quant,
                                           compile=args.compile, auto_download=args.download, movqgan_path=args.movqgan)
-    bar = tqdm(total=None, unit="tok", desc="sampling")
+    bar = tqdm(total=None, unit="tok", desc="sampling", disable=getattr(args, "no_progress", False))
 
     def progress(done: int, total: int, partial) -> None:
         bar.total = total

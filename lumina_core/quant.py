@@ -48,7 +48,9 @@ def quantize_transformer(model: nn.Module, mode: str, include_lm_head: bool = Fa
                              f"not so for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
         if param.device.type == "cuda":
             from torchao.quantization import Int4WeightOnlyConfig
-            config = Int4WeightOnlyConfig(group_size=group_size)
+            # The tile-packed layout runs on torch's own tinygemm kernel (aten._weight_int4pack_mm);
+            # torchao's default "plain" layout needs the separate fbgemm-gpu-genai package.
+            config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         else:
             from torchao.quantization import IntxWeightOnlyConfig
             from torchao.quantization.granularity import PerGroup
