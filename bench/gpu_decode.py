@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lumina_core.config import ModelConfig  # noqa: E402
 from lumina_core.model import build_transformer  # noqa: E402
-from lumina_core.quant import compile_step, quantize_transformer, weight_bytes  # noqa: E402
+from lumina_core.quant import CUDAGraphStep, compile_step, quantize_transformer, weight_bytes  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
 from lumina_core.sampling.batch import CFGBatch, DecodeSpec, RowRandom  # noqa: E402
 from lumina_core.sampling.logits import sample_inverse_cdf  # noqa: E402
@@ -65,7 +65,7 @@ def step_ms(model, spec, window: int, keep: float, fractions, reps: int, step_fn
     tokens = torch.full((1, window), OFFSET + 5, device=batch.device)
     for frac in fractions:
         target = int(frac * spec.generated_tokens)
-        batch.cache.lengths = torch.full_like(batch.cache.lengths, len(spec.cond_prefix) + target)
+        batch.cache.lengths.fill_(len(spec.cond_prefix) + target)  # in place: CUDA graphs read this tensor
         batch.host_pointer = [len(spec.cond_prefix) + target]
         pos = torch.full((1, window), target, device=batch.device)
         for i in range(reps + 3):
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--accept", type=float, default=2.2, help="tokens kept per SJD step (imposed)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph (as the pipeline does)")
     ap.add_argument("--modes", default="plain,sjd", help="comma list of plain, sjd")
     ap.add_argument("--fractions", default="0.05,0.5,0.95", help="cache fill points (fractions of the image) to time")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script runs, no figures")
@@ -110,6 +111,8 @@ def main() -> None:
         print(f"[{args.quant:4s}] weights {weight_bytes(model) / 1e9:.2f} GB; peak while building/quantizing "
               f"{load_peak:.1f} GB", flush=True)
     step_fn = compile_step(model) if args.compile else None
+    if args.cuda_graphs and device.type == "cuda":
+        step_fn = CUDAGraphStep(step_fn or model.hidden_states)
     spec = spec_768()
     fractions = tuple(float(f) for f in args.fractions.split(","))
     tokens = spec.generated_tokens
@@ -125,7 +128,7 @@ def main() -> None:
         ms = step_ms(model, spec, window, keep, fractions, args.reps, step_fn)
         mean = sum(ms) / len(ms)
         steps = tokens / keep
-        print(f"[{args.quant:4s} {name:5s}{' compiled' if args.compile else ''}] ms/step at {args.fractions} of the image: {', '.join(f'{m:.2f}' for m in ms)}; "
+        print(f"[{args.quant:4s} {name:5s}{' compiled' if args.compile else ''}{' graphs' if args.cuda_graphs else ''}] ms/step at {args.fractions} of the image: {', '.join(f'{m:.2f}' for m in ms)}; "
               f"{steps:.0f} steps -> {steps * mean / 1e3:.1f} s/image; bandwidth limit {limit_ms:.2f} ms/step "
               f"({steps * limit_ms / 1e3:.1f} s) -> {mean / limit_ms:.2f}x the limit; "
               f"peak {torch.cuda.max_memory_allocated() / 1e9 if device.type == 'cuda' else float('nan'):.1f} GB", flush=True)

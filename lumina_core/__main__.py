@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coupled", action="store_true", help="coupled-noise SJD variant (needs --sjd)")
     g.add_argument("--quant", default=None, choices=["int8", "int4"])
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--output", default="outputs", help="folder for the PNGs")
@@ -102,7 +104,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
                       height=args.height or spec.default_height, reference=reference, template=args.template)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=args.device, quant=args.quant,
-                                          compile=args.compile, auto_download=args.download, movqgan_path=args.movqgan)
+                                          compile=args.compile, auto_download=args.download, movqgan_path=args.movqgan,
+                                          cuda_graphs=not args.no_cuda_graphs)
     bar = tqdm(total=None, unit="tok", desc="sampling", disable=getattr(args, "no_progress", False))
 
     def progress(done: int, total: int, partial) -> None:

@@ -841,7 +841,8 @@ def batch_command(args: Any) -> BatchSummary:
         if args.best_of > 1:
             scorer_box["scorer"] = verifier_scorer(args.verifier, device=device, auto_download=args.download)
         return LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=device, quant=args.quant,
-                                              compile=args.compile, auto_download=args.download,
+                                              compile=args.compile, cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+                                              auto_download=args.download,
                                               movqgan_path=args.movqgan)
 
     def scorer(images: Sequence[Image.Image], prompt: str) -> Sequence[float]:

@@ -91,7 +91,7 @@ class KVCache:
 
     def rollback(self, counts: torch.Tensor | int) -> None:
         """Forget the last `counts` positions of each row (a tensor [B] or one int for all rows)."""
-        self.lengths = self.lengths - counts
+        self.lengths.sub_(counts)  # in place: a captured CUDA graph keeps reading this very tensor
 
     def release(self) -> None:
         """Drop the tensors so their memory can be reused (after cancel or at the end of a request)."""
@@ -222,7 +222,7 @@ class LuminaTransformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, i, write_pos)
         if cache is not None:
-            cache.lengths = cache.lengths + n
+            cache.lengths.add_(n)  # in place, so the step can be captured in a CUDA graph
         return self.model.norm(x)
 
 

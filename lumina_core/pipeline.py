@@ -69,11 +69,16 @@ class LuminaPipeline:
     def from_pretrained(cls, name_or_path: str | Path, dtype: Optional[torch.dtype] = None,
                         device: Optional[torch.device | str] = None, quant: Optional[str] = None,
                         compile: bool = False, auto_download: bool = False,
-                        movqgan_path: Optional[str | Path] = None, search_dirs: tuple = ()) -> "LuminaPipeline":
-        """Load an official-format folder or repo id (bf16 on CUDA, float32 on CPU unless `dtype` says otherwise)."""
+                        movqgan_path: Optional[str | Path] = None, search_dirs: tuple = (),
+                        cuda_graphs: bool = True) -> "LuminaPipeline":
+        """Load an official-format folder or repo id (bf16 on CUDA, float32 on CPU unless `dtype` says otherwise).
+
+        On CUDA the decode step is replayed from CUDA graphs (`cuda_graphs`; same kernels, one launch
+        per step); `compile` also fuses it with torch.compile.
+        """
         from .hub import resolve_model
         from .movqgan import load_movqgan
-        from .quant import check_quant, compile_step, quantize_transformer
+        from .quant import CUDAGraphStep, check_quant, compile_step, quantize_transformer
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -88,6 +93,8 @@ class LuminaPipeline:
         if quant:
             quantize_transformer(transformer, quant)
         step_fn = compile_step(transformer) if compile else None
+        if cuda_graphs and device.type == "cuda":
+            step_fn = CUDAGraphStep(step_fn or transformer.hidden_states)
         return cls(transformer, movqgan, tokenizer, layout, step_fn=step_fn, quant=quant)
 
     def to(self, device: torch.device | str) -> "LuminaPipeline":

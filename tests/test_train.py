@@ -108,6 +108,37 @@ def test_records_follow_the_inference_grammar(setup):
     assert "32x64" in text.replace(" ", "")
 
 
+def test_dual_panel_codes_are_each_panel_encoded_alone(setup):
+    """Inference encodes a reference panel on its own; training data must hold the same codes."""
+    from lumina_core.images import pil_to_tensor
+    from lumina_core.movqgan import load_movqgan
+
+    movq = load_movqgan(setup["model"] / TINY_MOVQGAN_FILE)
+    layout = TokenLayout.from_tokenizer(load_text_tokenizer(setup["model"]))
+    ids, prompt_len = TokenDataset(setup["prep"])[6]  # pair_depth: img0 above img1, 32x32 panels
+    codes = codes_from_ids(layout, ids[prompt_len:-1])
+    upper = movq.encode(pil_to_tensor(Image.open(setup["root"] / "img0.png").convert("RGB"))[None])[0]
+    lower = movq.encode(pil_to_tensor(Image.open(setup["root"] / "img1.png").convert("RGB"))[None])[0]
+    assert torch.equal(codes[:4], upper) and torch.equal(codes[4:], lower)
+
+
+def test_group_by_length_fills_batches_with_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = torch.from_numpy(np.where(rng.random(1000) < 0.5, 100, 190))
+    plain = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0)
+    grouped = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
+    for order in (plain, grouped):
+        epoch = [order.sample_at(p)[0] for p in range(1000)]
+        assert sorted(epoch) == list(range(1000))  # every sample once per epoch
+    def padded(order):  # tokens computed when each batch is padded to its longest sample
+        idx = torch.tensor([order.sample_at(p)[0] for p in range(1000)]).view(100, 10)
+        return int(lengths[idx].max(1).values.sum() * 10)
+    assert padded(grouped) <= 0.8 * padded(plain)
+    assert padded(grouped) < int(lengths.sum()) * 1.05
+    again = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
+    assert [again.sample_at(p) for p in range(50)] == [grouped.sample_at(p) for p in range(50)]
+
+
 def test_prepare_resumes_after_a_crash(setup, tmp_path, monkeypatch):
     real = train_data.tokenize_item
     calls = {"n": 0}
@@ -389,3 +420,20 @@ def test_train_vq_writes_a_loadable_tokenizer(setup, tmp_path, one_thread):
     codes = movq.encode(image.permute(2, 0, 1)[None])
     assert codes.shape == (1, 4, 4) and int(codes.max()) < 32
     assert movq.decode(codes).shape == (1, 3, 32, 32)
+
+
+def test_train_vq_reports_held_out_reconstruction(setup, tmp_path, one_thread):
+    from lumina_core.movqgan import load_movqgan
+    from lumina_core.train.vq import EVAL_FILE, VQOptions, train_vq
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.open(setup["root"] / f"img{i}.png").save(folder / f"{i}.png")
+    opts = VQOptions(images=str(folder), out=str(tmp_path / "run"), steps=4, size=32, batch=2, ch=32,
+                     ch_mult=(1, 1, 1, 1), n_embed=16, embed_dim=8, reset_dead_every=0, eval_images=2)
+    movq = load_movqgan(train_vq(opts))
+    assert movq.config.embed_dim == 8 and movq.config.z_channels == 8
+    report = json.loads((tmp_path / "run" / EVAL_FILE).read_text())
+    assert report["images"] == 1 and report["step"] == 4  # a fifth of 6 images at most
+    assert 0 < report["psnr_db"] < 60 and 1 <= report["codes_used"] <= 16

@@ -43,7 +43,7 @@ class BuildPlan:
     fit_items: int = 30000          # pre-tokenised training examples (all tasks)
     vq_items: int = 5000            # examples whose panels (about 6500 images) train the MoVQGAN
     # MoVQGAN
-    vq_steps: int = 1500
+    vq_steps: int = 2000
     vq_batch: int = 16
     vq_lr: float = 1.5e-3
     vq_min_lr: float = 5e-5
@@ -51,13 +51,14 @@ class BuildPlan:
     vq_ch: int = 32
     vq_ch_mult: str = "1,1,2,2"     # 4 levels: 8x downsampling, as the 270M
     vq_codes: int = 512
+    vq_min_psnr: float = 27.0       # the build stops when the tokenizer reconstructs worse than this
     # transformer
     hidden_size: int = 256
     intermediate_size: int = 704
     layers: int = 4
     heads: int = 4
     max_positions: int = 256
-    fit_steps: int = 1300
+    fit_steps: int = 1500
     fit_batch: int = 64
     fit_lr: float = 1.5e-3
     fit_min_lr: float = 1.5e-4
@@ -67,7 +68,7 @@ class BuildPlan:
 
 # A few minutes end to end: checks the whole chain, not a usable model.
 QUICK_PLAN = BuildPlan(fit_items=300, vq_items=100, vq_steps=30, vq_batch=8, fit_steps=30, fit_batch=16,
-                       fit_warmup=5)
+                       fit_warmup=5, vq_min_psnr=0.0)
 
 
 def _run(args: list[str], log: Path) -> None:
@@ -145,6 +146,15 @@ def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | 
          "--min-lr", str(plan.vq_min_lr), "--precision", "bf16", "--reset-dead-every", str(plan.vq_reset_dead_every),
          "--ch", str(plan.vq_ch), "--ch-mult", plan.vq_ch_mult, "--n-embed", str(plan.vq_codes),
          "--size", str(data.IMAGE_SIZE), "--seed", str(plan.seed)], log))
+    vq_report = json.loads((out / "vq_run" / "vq_eval.json").read_text())
+    info["vq_eval"] = vq_report
+    _write_json(info_path, info)
+    print(f"[demo build] tokenizer: held-out PSNR {vq_report['psnr_db']:.2f} dB, "
+          f"{vq_report['codes_used']}/{plan.vq_codes} codes used", flush=True)
+    if vq_report["psnr_db"] < plan.vq_min_psnr:
+        raise RuntimeError(f"the demo MoVQGAN reconstructs held-out images at {vq_report['psnr_db']:.2f} dB PSNR, "
+                           f"below the {plan.vq_min_psnr} dB this build needs (colours and edges would be wrong); "
+                           f"delete {movqgan} and {out / 'vq_run'} and rebuild, or use another --seed")
     prepared = out / "prepared"
     stage("train prepare", prepared / "index.json", lambda: _run(
         ["lumina_core.train", "prepare", str(fit_records), "--out", str(prepared), "--tokenizer", str(tokenizer_dir),
@@ -160,7 +170,7 @@ def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | 
          "--steps", str(plan.fit_steps), "--micro-batch", str(plan.fit_batch), "--lr", str(plan.fit_lr),
          "--min-lr", str(plan.fit_min_lr), "--warmup-steps", str(plan.fit_warmup), "--dropout", "0",
          "--uncond-prob", str(plan.uncond_prob), "--max-seq-len", str(plan.max_positions),
-         "--no-grad-checkpointing", "--save-every", str(max(plan.fit_steps // 4, 1)), "--log-every", "50",
+         "--no-grad-checkpointing", "--group-by-length", "--save-every", str(max(plan.fit_steps // 4, 1)), "--log-every", "50",
          "--seed", str(plan.seed), "--device", "cpu"], log), (run_dir / "DONE").write_text("done\n")))
     model_dir = out / "model"
     stage("train export", model_dir / "config.json", lambda: _run(
@@ -172,6 +182,7 @@ def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | 
         "plan": dataclasses.asdict(plan),
         "stage_seconds": info["stages"],
         "total_seconds": info.get("total_seconds"),
+        "movqgan_held_out": vq_report,
         "held_out_captions": [c.text() for c in data.split_captions()[1]],
         "tasks": list(data.DEMO_TASKS),
         "image_size": [data.IMAGE_SIZE, data.IMAGE_SIZE],

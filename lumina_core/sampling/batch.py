@@ -167,7 +167,10 @@ class CFGBatch:
         return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
 
     def release(self) -> None:
-        """Free the cache tensors."""
+        """Free the cache tensors (and any CUDA graphs that read them)."""
+        reset = getattr(self.step_fn, "reset", None)
+        if reset is not None:
+            reset()
         self.cache.release()
 
 

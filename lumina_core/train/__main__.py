@@ -52,6 +52,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--z-loss-weight", type=float, default=1e-5)
     p.add_argument("--uncond-prob", type=float, default=0.1,
                    help="probability that a sample drops its prompt (image tokens only; official 0.1)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="fill each step with samples of similar length (less padding when data mixes lengths)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: autocast with float32 master weights")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="keep all activations (more memory)")
@@ -95,6 +97,10 @@ def _add_vq(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ch-mult", default="1,2,2,4", help="channel multipliers per level (4 levels = 8x down)")
     p.add_argument("--num-res-blocks", type=int, default=1)
     p.add_argument("--n-embed", type=int, default=1024, help="codebook size")
+    p.add_argument("--embed-dim", type=int, default=4,
+                   help="code vector size (270M: 4; small codebooks stay better separated with more, e.g. 32)")
+    p.add_argument("--eval-images", type=int, default=256,
+                   help="images held out of training to measure reconstruction PSNR at the end")
     p.add_argument("--reset-dead-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, clip_grad=args.clip_grad, micro_batch=args.micro_batch,
             accum=args.accum, max_seq_len=args.max_seq_len, dropout=args.dropout,
-            z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, precision=args.precision,
+            z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, group_by_length=args.group_by_length,
+            precision=args.precision,
             grad_checkpointing=not args.no_grad_checkpointing, loss_chunk=args.loss_chunk, seed=args.seed,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
             sample_prompt=args.sample_prompt, sample_size=args.sample_size, movqgan=args.movqgan, resume=args.resume,
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = VQOptions(images=args.images, out=args.out, ckpt=args.ckpt, steps=args.steps, size=args.size,
                          batch=args.batch, lr=args.lr, min_lr=args.min_lr, precision=args.precision, beta=args.beta, ch=args.ch,
                          ch_mult=tuple(int(x) for x in args.ch_mult.split(",")), num_res_blocks=args.num_res_blocks,
-                         n_embed=args.n_embed, reset_dead_every=args.reset_dead_every, seed=args.seed,
+                         n_embed=args.n_embed, embed_dim=args.embed_dim, eval_images=args.eval_images,
+                         reset_dead_every=args.reset_dead_every, seed=args.seed,
                          save_every=args.save_every, device=args.device)
         print(f"vq: wrote {train_vq(opts)}")
         return 0

@@ -205,9 +205,12 @@ def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
     panels = [center_crop(upper, panel) if upper.size != panel else upper]
     if lower is not None:
         panels.append(center_crop(lower, panel) if lower.size != panel else lower)
-    # Dual panel: the two images stacked vertically make one W x H picture (upper first).
-    pixels = torch.cat([pil_to_tensor(p) for p in panels], dim=1).unsqueeze(0)
-    codes = tk.movqgan.encode(pixels)[0].cpu()
+    # Dual panel: the two panels' code grids stacked vertically make one W x H picture (upper first).
+    # Each panel is encoded on its own, as inference encodes a reference panel: the MoVQGAN's
+    # mid-block attention is global, so encoding the stacked picture would give the upper panel
+    # codes that depend on the lower one, and training would see codes inference never produces.
+    pixels = torch.stack([pil_to_tensor(p) for p in panels])
+    codes = tk.movqgan.encode(pixels).cpu().flatten(0, 1)
     text = request.prompt_text()
     if item.task == "t2i" and tk.sizeless_prompt_prob > 0 and \
             random.Random(f"{tk.seed}:{item.item_id}").random() < tk.sizeless_prompt_prob:
@@ -429,21 +432,45 @@ def collate(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], max_seq_len: i
     return input_ids, labels
 
 
+LENGTH_GROUP_BATCHES = 32   # --group-by-length sorts windows of this many batches by length
+
+
 @dataclass
 class SampleOrder:
-    """Deterministic sample stream: a seeded permutation per epoch; the position is one integer."""
+    """Deterministic sample stream: a seeded permutation per epoch; the position is one integer.
+
+    With ``lengths`` and ``group_size`` (the global batch), each epoch's permutation is grouped by
+    length: windows of ``LENGTH_GROUP_BATCHES`` batches are sorted by token count and cut into
+    batches, and the batches are shuffled. Batches then hold samples of similar length, so mixed
+    data (short text-to-image beside long dual-panel items) wastes little compute on padding.
+    """
 
     num_samples: int
     seed: int
     uncond_prob: float = 0.1
+    lengths: torch.Tensor | None = None
+    group_size: int = 0
     _permutation: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+
+    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        permutation = torch.randperm(self.num_samples, generator=generator)
+        if self.lengths is None or self.group_size <= 1:
+            return permutation
+        window = self.group_size * LENGTH_GROUP_BATCHES
+        batches: list[torch.Tensor] = []
+        for start in range(0, self.num_samples, window):
+            chunk = permutation[start:start + window]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches.extend(chunk.split(self.group_size))
+        order = torch.randperm(len(batches), generator=generator)
+        return torch.cat([batches[i] for i in order])
 
     def sample_at(self, position: int) -> tuple[int, bool]:
         """(dataset index, unconditional?) of the ``position``-th sample of the whole stream."""
         epoch, offset = divmod(position, self.num_samples)
         if self._permutation is None or self._permutation[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._permutation = (epoch, torch.randperm(self.num_samples, generator=generator))
+            self._permutation = (epoch, self._epoch_permutation(epoch))
         index = int(self._permutation[1][offset])
         # Decided per stream position, not per rank or RNG state: identical for any world size and after resume.
         unconditional = random.Random(f"{self.seed}:{position}").random() < self.uncond_prob

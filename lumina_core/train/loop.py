@@ -113,6 +113,7 @@ class FitOptions:
     dropout: float = 0.05
     z_loss_weight: float = 1e-5
     uncond_prob: float = 0.1
+    group_by_length: bool = False         # batches of similar-length samples (less padding on mixed data)
     precision: str = "bf16"               # "bf16" (autocast, fp32 master) or "fp32"
     grad_checkpointing: bool = True
     loss_chunk: int = 4096
@@ -256,7 +257,8 @@ def fit(opts: FitOptions) -> FitResult:
         total_steps = math.ceil(opts.epochs * len(dataset) / global_batch)
     else:
         raise ValueError("give --steps or --epochs")
-    order = SampleOrder(len(dataset), opts.seed, opts.uncond_prob)
+    order = SampleOrder(len(dataset), opts.seed, opts.uncond_prob,
+                        lengths=dataset.lengths() if opts.group_by_length else None, group_size=global_batch)
     out = Path(opts.out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

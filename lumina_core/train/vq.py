@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "vq_state.pt"
+EVAL_FILE = "vq_eval.json"
+RESET_UNTIL = 0.8                       # dead codes are re-seeded during this fraction of the run only
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -47,6 +49,8 @@ class VQOptions:
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 1
     n_embed: int = 1024
+    embed_dim: int = 4                  # code vector size (and encoder output channels)
+    eval_images: int = 256              # held out of training; reconstruction PSNR measured on them at the end
     reset_dead_every: int = 100         # re-seed unused codes every N steps (0: never)
     seed: int = 0
     save_every: int = 200
@@ -111,8 +115,10 @@ def train_vq(opts: VQOptions) -> Path:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     images = load_images(image_paths(opts.images), opts.size)
+    held_out = min(opts.eval_images, len(images) // 5)
+    eval_set, images = images[:held_out], images[held_out:]
     cfg = MoVQConfig(ch=opts.ch, ch_mult=tuple(opts.ch_mult), num_res_blocks=opts.num_res_blocks,
-                     n_embed=opts.n_embed)
+                     n_embed=opts.n_embed, z_channels=opts.embed_dim, embed_dim=opts.embed_dim)
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     model = MoVQGAN(cfg).to(device).train()
@@ -163,7 +169,9 @@ def train_vq(opts: VQOptions) -> Path:
                     f.write(json.dumps(record) + "\n")
                 logger.info("vq step %d/%d rec %.4f codebook %.4f commit %.4f", step, opts.steps, record["rec"],
                             record["codebook"], record["commit"])
-            if opts.reset_dead_every and step % opts.reset_dead_every == 0:
+            # No re-seeding in the last fifth: a code re-seeded at the end sits on real encoder outputs
+            # (so encoding picks it) while the decoder never learned to decode it.
+            if opts.reset_dead_every and step % opts.reset_dead_every == 0 and step <= RESET_UNTIL * opts.steps:
                 _reset_dead_codes(model, batch, usage)
                 usage.zero_()
             if stopper.requested or step % opts.save_every == 0 or step == opts.steps:
@@ -173,8 +181,28 @@ def train_vq(opts: VQOptions) -> Path:
     finally:
         stopper.restore()
     ckpt = Path(opts.ckpt) if opts.ckpt else out / "movqgan.ckpt"
+    if held_out and step >= opts.steps:
+        report = evaluate_reconstruction(model.eval(), eval_set)
+        atomic_write_text(out / EVAL_FILE, json.dumps({"step": step, "images": held_out, **report}, indent=2))
+        logger.info("vq held-out reconstruction: PSNR %.2f dB, %d codes used", report["psnr_db"], report["codes_used"])
     save_movqgan(model.eval(), ckpt)
     return ckpt
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model, images: torch.Tensor, batch: int = 64) -> dict:
+    """PSNR (dB, pixels in [-1, 1] mapped to 0..255 and rounded, as saved images are) and codes used."""
+    squared_error, pixels, used = 0.0, 0, set()
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch]
+        codes = model.encode(x)
+        used.update(codes.unique().tolist())
+        recon = model.decode(codes)
+        to_uint8 = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+        squared_error += float((to_uint8(recon.cpu()) - to_uint8(x)).pow(2).sum())
+        pixels += x.numel()
+    mse = squared_error / max(pixels, 1)
+    return {"psnr_db": round(10 * math.log10(255 ** 2 / max(mse, 1e-12)), 2), "codes_used": len(used)}
 
 
 @torch.no_grad()
