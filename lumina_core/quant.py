@@ -149,5 +149,10 @@ class CUDAGraphStep:
         return graph, ids_buf, pos_buf, out
 
     def reset(self) -> None:
-        """Drop every graph (e.g. when the KV cache they read is freed)."""
+        """Drop every graph (e.g. when the KV cache they read is freed) and their memory pool.
+
+        The next capture takes a fresh pool: capturing into a pool whose graphs were all freed
+        trips an allocator assertion (seen with torch 2.11 on an H200).
+        """
         self.graphs.clear()
+        self.pool = None
