@@ -437,3 +437,16 @@ def test_train_vq_reports_held_out_reconstruction(setup, tmp_path, one_thread):
     report = json.loads((tmp_path / "run" / EVAL_FILE).read_text())
     assert report["images"] == 1 and report["step"] == 4  # a fifth of 6 images at most
     assert 0 < report["psnr_db"] < 60 and 1 <= report["codes_used"] <= 16
+
+
+def test_train_vq_also_learns_stacked_dual_panel_pairs(setup, tmp_path, one_thread):
+    from lumina_core.train.vq import VQOptions, load_pairs, pair_paths, train_vq
+
+    pairs = pair_paths(setup["description"])
+    assert [(u.name, l.name) for u, l in pairs] == [("img0.png", "img1.png"), ("img2.png", "tall.png")]
+    stacked = load_pairs(pairs, 32)
+    assert stacked.shape == (2, 3, 64, 32)
+    assert torch.allclose(stacked[0, :, 32:], load_pairs([(pairs[0][1], pairs[0][0])], 32)[0, :, :32])
+    opts = VQOptions(images=str(setup["description"]), out=str(tmp_path / "run"), steps=3, size=32, batch=2,
+                     ch=32, ch_mult=(1, 1, 1, 1), n_embed=16, reset_dead_every=0, pair_fraction=1.0)
+    assert train_vq(opts).is_file()

@@ -99,6 +99,8 @@ def _add_vq(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-embed", type=int, default=1024, help="codebook size")
     p.add_argument("--embed-dim", type=int, default=4,
                    help="code vector size (270M: 4; small codebooks stay better separated with more, e.g. 32)")
+    p.add_argument("--pair-fraction", type=float, default=0.25,
+                   help="share of steps on stacked dual-panel pairs from a description (0: single panels only)")
     p.add_argument("--eval-images", type=int, default=256,
                    help="images held out of training to measure reconstruction PSNR at the end")
     p.add_argument("--reset-dead-every", type=int, default=100)
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch=args.batch, lr=args.lr, min_lr=args.min_lr, precision=args.precision, beta=args.beta, ch=args.ch,
                          ch_mult=tuple(int(x) for x in args.ch_mult.split(",")), num_res_blocks=args.num_res_blocks,
                          n_embed=args.n_embed, embed_dim=args.embed_dim, eval_images=args.eval_images,
+                         pair_fraction=args.pair_fraction,
                          reset_dead_every=args.reset_dead_every, seed=args.seed,
                          save_every=args.save_every, device=args.device)
         print(f"vq: wrote {train_vq(opts)}")

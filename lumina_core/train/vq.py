@@ -1,5 +1,10 @@
 """`train vq`: train a small MoVQGAN image tokenizer with our own code (for embedded demo models).
 
+Training images are square crops of every image (both panels of dual-panel items) and, for a
+description with dual-panel items, also the two panels stacked (upper over lower, one code grid
+each, as the pipeline decodes a dual-panel picture): the decoder's GroupNorm and attention see the
+whole picture, and a decoder trained on single panels alone shifts the colours of a stacked pair.
+
 Objective: L1 reconstruction + codebook + commitment losses from `MoVQGAN.forward`
 (straight-through estimator). The released 270M model also used perceptual and adversarial
 losses; those are deliberately left out here (no pretrained VGG offline, and a demo tokenizer
@@ -51,6 +56,7 @@ class VQOptions:
     n_embed: int = 1024
     embed_dim: int = 4                  # code vector size (and encoder output channels)
     eval_images: int = 256              # held out of training; reconstruction PSNR measured on them at the end
+    pair_fraction: float = 0.25         # share of steps on stacked dual-panel pairs (batch // 2 pairs), if any
     reset_dead_every: int = 100         # re-seed unused codes every N steps (0: never)
     seed: int = 0
     save_every: int = 200
@@ -78,6 +84,34 @@ def image_paths(source: str | os.PathLike) -> list[Path]:
     if not usable:
         raise ValueError(f"no readable images found in {source}")
     return usable
+
+
+def pair_paths(source: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(upper, lower) image paths of the dual-panel items of a dataset description (none for a folder)."""
+    from .data import read_description
+
+    source = Path(source)
+    if source.is_dir():
+        return []
+    pairs = []
+    for entry in read_description(source):
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("second_image"), str):
+            upper, lower = (Path(entry[k]) if Path(entry[k]).is_absolute() else source.parent / entry[k]
+                            for k in ("image", "second_image"))
+            if upper.is_file() and lower.is_file():
+                pairs.append((upper, lower))
+    return pairs
+
+
+def load_pairs(pairs: list[tuple[Path, Path]], size: int) -> torch.Tensor:
+    """Dual-panel pictures [N, 3, 2*size, size]: each panel cropped to size x size, upper over lower."""
+    if not pairs:
+        return torch.empty(0, 3, 2 * size, size)
+    upper = load_images([p[0] for p in pairs], size)
+    lower = load_images([p[1] for p in pairs], size)
+    if len(upper) != len(lower):
+        raise ValueError("some dual-panel images could not be read; fix or drop those items")
+    return torch.cat([upper, lower], dim=2)
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
@@ -117,6 +151,9 @@ def train_vq(opts: VQOptions) -> Path:
     images = load_images(image_paths(opts.images), opts.size)
     held_out = min(opts.eval_images, len(images) // 5)
     eval_set, images = images[:held_out], images[held_out:]
+    pairs = load_pairs(pair_paths(opts.images), opts.size) if opts.pair_fraction > 0 else load_pairs([], opts.size)
+    held_out_pairs = min(opts.eval_images // 4, len(pairs) // 5)
+    eval_pairs, pairs = pairs[:held_out_pairs], pairs[held_out_pairs:]
     cfg = MoVQConfig(ch=opts.ch, ch_mult=tuple(opts.ch_mult), num_res_blocks=opts.num_res_blocks,
                      n_embed=opts.n_embed, z_channels=opts.embed_dim, embed_dim=opts.embed_dim)
     torch.manual_seed(opts.seed)
@@ -144,9 +181,12 @@ def train_vq(opts: VQOptions) -> Path:
     log = out / "vq_log.jsonl"
     try:
         while step < opts.steps:
-            batch = images[torch.randint(len(images), (opts.batch,))]
+            if len(pairs) and float(torch.rand(())) < opts.pair_fraction:
+                batch = pairs[torch.randint(len(pairs), (max(1, opts.batch // 2),))]  # same pixels per step
+            else:
+                batch = images[torch.randint(len(images), (opts.batch,))]
             # Random flips: cheap augmentation for tiny demo sets.
-            flip = torch.rand(opts.batch) < 0.5
+            flip = torch.rand(len(batch)) < 0.5
             batch[flip] = batch[flip].flip(-1)
             batch = batch.to(device)
             if opts.min_lr is not None:
@@ -183,6 +223,9 @@ def train_vq(opts: VQOptions) -> Path:
     ckpt = Path(opts.ckpt) if opts.ckpt else out / "movqgan.ckpt"
     if held_out and step >= opts.steps:
         report = evaluate_reconstruction(model.eval(), eval_set)
+        if held_out_pairs:
+            pair_report = evaluate_reconstruction(model, eval_pairs)
+            report.update(pair_images=held_out_pairs, pair_psnr_db=pair_report["psnr_db"])
         atomic_write_text(out / EVAL_FILE, json.dumps({"step": step, "images": held_out, **report}, indent=2))
         logger.info("vq held-out reconstruction: PSNR %.2f dB, %d codes used", report["psnr_db"], report["codes_used"])
     save_movqgan(model.eval(), ckpt)
