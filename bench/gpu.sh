@@ -5,7 +5,7 @@
 # the embedded demo model on CUDA, with and without CUDA graphs (the images must be identical).
 # Goals on one H200: plain <= 50 s, SJD <= 25 s, SJD + int4 <= 15 s; peak <= 28 GB bf16, <= 16 GB int4.
 # torchao is not on the device image: carry its wheel in .whl (see the device notes) and set PYTHONPATH.
-# Figures of earlier runs: bench/README.md.
+# Figures of earlier runs: the Benchmarks section of README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
