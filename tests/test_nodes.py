@@ -242,6 +242,9 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     write_tiny_checkpoint(root / "tiny", words="a red fox house on hill")
+    # Linear inputs of 128 and 256 features: int4 groups of 128 fit.
+    write_tiny_checkpoint(root / "tiny128", words="a red fox", hidden_size=128, intermediate_size=256,
+                          num_heads=2, init_std=0.1)
     patch = pytest.MonkeyPatch()
     patch.setenv("LUMINA_MGPT2_MODELS", str(root))
     yield root
@@ -275,6 +278,21 @@ def test_t2i_chain_outputs_comfy_images(pack, tiny_pipe):
     assert torch.equal(upper, image) and torch.equal(lower, image)  # single panel: both are the full image
     again, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
     assert torch.equal(again.codes, codes.codes)  # the seed decides
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_loader_runs_the_node_chain(pack, tiny_models, quantization):
+    from torch import nn
+
+    pipe, = node(pack, "LuminaMGPT2Loader").load("tiny128", False, "auto", quantization, False)
+    assert pipe.quant == quantization
+    linear = pipe.transformer.model.layers[0].mlp.down_proj
+    assert isinstance(linear, nn.Linear) and type(linear.weight) is not nn.Parameter  # a torchao tensor
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 32, 32, "a red fox", "official")["result"]
+    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(pipe, request, 3, 2.0, 16, 1.0, True, 4, 1)
+    assert codes.codes.shape == (1, 4, 4)
+    image, _, _ = node(pack, "LuminaMGPT2VQDecode").decode(pipe, codes)
+    assert_comfy_image(image, 1, 32, 32)
 
 
 def test_dual_panel_chain_splits_panels_and_keeps_the_reference(pack, tiny_pipe):
