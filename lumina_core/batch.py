@@ -608,16 +608,13 @@ class BatchOptions:
 def verifier_scorer(names: Sequence[str], device: str = "cpu", weights: Optional[Mapping[str, float]] = None,
                     method: str = "rank", **verifier_kwargs: Any) -> Scorer:
     """A best-of-N scorer from ``lumina_core.verify`` verifiers by name (combined score, higher is better)."""
-    import numpy as np
-    import torch
-
+    from .images import pil_to_unit
     from .verify import get_verifier, score_candidates
 
     verifiers = {name: get_verifier(name, device=device, **verifier_kwargs) for name in names}
 
     def score(images: Sequence[Image.Image], prompt: str) -> list[float]:
-        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
-                              .permute(2, 0, 1) for im in images])
+        pixels = pil_to_unit(images).permute(0, 3, 1, 2)
         _, ranking = score_candidates(pixels, prompt, verifiers, weights, method)
         return [float(v) for v in ranking.combined]
 

@@ -75,6 +75,16 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1).contiguous()
 
 
+def unit_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] (any shape; ComfyUI's and the verifiers' range) -> uint8 0..255, rounded."""
+    return (pixels.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def pil_to_unit(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> float32 [N, H, W, 3] in [0, 1], channels last (ComfyUI's IMAGE layout)."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+
+
 def tensor_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float [..., 3, H, W] nominally in [-1, 1] -> uint8 [..., H, W, 3] (official rounding)."""
     if images.dim() < 3 or images.shape[-3] != 3:

@@ -1,9 +1,10 @@
 """Names and conversions shared by the nodes: custom type strings, category, IMAGE <-> PIL/pipeline pixels."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
+
+from ..lumina_core.images import pil_to_unit, unit_to_uint8
 
 CATEGORY = "Lumina-mGPT 2.0"
 
@@ -24,7 +25,7 @@ def comfy_image_to_pil(image: torch.Tensor, index: int = 0) -> Image.Image:
         raise NodeInputError(f"expected a ComfyUI IMAGE [batch, height, width, channels], got {shape}")
     if not 0 <= index < image.shape[0]:
         raise NodeInputError(f"image index {index} out of range for a batch of {image.shape[0]}")
-    pixels = (image[index].detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    pixels = unit_to_uint8(image[index]).cpu().numpy()
     if pixels.shape[-1] == 1:
         return Image.fromarray(pixels[..., 0], "L").convert("RGB")
     if pixels.shape[-1] == 4:
@@ -46,5 +47,4 @@ def comfy_to_pil_list(images: torch.Tensor) -> list[Image.Image]:
 
 def pil_to_comfy(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> ComfyUI IMAGE [B, H, W, 3] float32 0..1."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
-    return torch.from_numpy(np.stack(arrays))
+    return pil_to_unit(images)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..model import KVCache, LuminaTransformer
 from . import GenerationCancelled, SamplingConfig
-from .logits import CODE, END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
+from .logits import END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 CancelFn = Callable[[], bool]

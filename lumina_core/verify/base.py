@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import unit_to_uint8
+
 ImagesLike = Union[torch.Tensor, Sequence[Image.Image]]
 
 # Files a verifier needs from a Hugging Face repository: configs, tokenizers, safetensors weights.
@@ -41,7 +43,7 @@ def to_pil_images(images: ImagesLike) -> list[Image.Image]:
                 f"images must hold values in [0, 1], got [{lo:.3f}, {hi:.3f}] "
                 "(pipeline.decode gives [-1, 1]: pass (x + 1) / 2)"
             )
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = unit_to_uint8(images)
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in array]
     if isinstance(images, Image.Image):
