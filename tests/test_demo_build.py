@@ -32,7 +32,7 @@ def test_micro_build_runs_every_stage_and_loads(tmp_path):
     from lumina_core.sampling import SamplingConfig
 
     plan = build.BuildPlan(fit_items=24, vq_items=8, vq_steps=2, vq_batch=2, fit_steps=2, fit_batch=4, fit_warmup=1,
-                           hidden_size=64, intermediate_size=128, layers=1, heads=2, vq_min_psnr=0.0)
+                           hidden_size=64, intermediate_size=128, layers=1, heads=2, vq_min_check=0.0)
     model_dir = build.build(tmp_path / "b", plan, threads=1)
     info = json.loads((tmp_path / "b" / "build_log.json").read_text())
     assert set(info["stages"]) == {"data", "vq data", "tokenizer", "train vq", "train prepare", "train fit",
@@ -40,10 +40,10 @@ def test_micro_build_runs_every_stage_and_loads(tmp_path):
     assert (model_dir / build.MOVQGAN_NAME).is_file() and (model_dir / build.SAMPLING_DEFAULTS).is_file()
     # A second call finds every stage done and only rewrites the info files.
     assert build.build(tmp_path / "b", plan) == model_dir
-    assert 0 < info["vq_eval"]["psnr_db"] < 60
-    # A tokenizer below the plan's reconstruction floor stops the build before pre-tokenisation.
-    with pytest.raises(RuntimeError, match=r"PSNR, below the 99.0 dB"):
-        build.build(tmp_path / "b", dataclasses.replace(plan, vq_min_psnr=99.0))
+    assert 0 < info["vq_eval"]["psnr_db"] < 60 and 0 <= info["vq_eval"]["dense_edge_f1"] <= 1
+    # A tokenizer whose reconstructions fail the pixel checker stops the build before pre-tokenisation.
+    with pytest.raises(RuntimeError, match=r"fail the pixel checker .* needs 1.5 each"):
+        build.build(tmp_path / "b", dataclasses.replace(plan, vq_min_check=1.5))
     target = build.install(model_dir, tmp_path / "installed")
     pipe = LuminaPipeline.from_pretrained(str(target), dtype=torch.float32, device="cpu")
     out = pipe.generate(Request(task="t2i", prompt="a red circle in the center", width=64, height=64),
