@@ -41,9 +41,12 @@ def test_micro_build_runs_every_stage_and_loads(tmp_path):
     # A second call finds every stage done and only rewrites the info files.
     assert build.build(tmp_path / "b", plan) == model_dir
     assert 0 < info["vq_eval"]["psnr_db"] < 60 and 0 <= info["vq_eval"]["dense_edge_f1"] <= 1
-    # A tokenizer whose reconstructions fail the pixel checker stops the build before pre-tokenisation.
-    with pytest.raises(RuntimeError, match=r"fail the pixel checker .* needs 1.5 each"):
-        build.build(tmp_path / "b", dataclasses.replace(plan, vq_min_check=1.5))
+    # A tokenizer whose reconstructions fail the pixel checker is trained again with another seed;
+    # when every attempt fails, the build stops before pre-tokenisation and names each result.
+    with pytest.raises(RuntimeError, match=r"fail the pixel checker \(seed 0: .*; seed 1000: .*needs 1.5 each"):
+        build.build(tmp_path / "c", dataclasses.replace(plan, vq_min_check=1.5))
+    assert not (tmp_path / "c" / build.MOVQGAN_NAME).exists() and not (tmp_path / "c" / "prepared").exists()
+    assert (tmp_path / "c" / "vq_run_2" / "movqgan.ckpt").is_file()
     target = build.install(model_dir, tmp_path / "installed")
     pipe = LuminaPipeline.from_pretrained(str(target), dtype=torch.float32, device="cpu")
     out = pipe.generate(Request(task="t2i", prompt="a red circle in the center", width=64, height=64),
