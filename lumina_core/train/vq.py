@@ -64,6 +64,12 @@ class VQOptions:
     device: str = "cpu"
 
 
+def _entry_path(description: Path, path: str) -> Path:
+    """A path named by a dataset description: absolute, or relative to the description's folder."""
+    p = Path(path)
+    return p if p.is_absolute() else description.parent / p
+
+
 def image_paths(source: str | os.PathLike) -> list[Path]:
     """Every image of a folder (sorted), or every image a dataset description names (both panels)."""
     from .data import read_description
@@ -78,8 +84,7 @@ def image_paths(source: str | os.PathLike) -> list[Path]:
                 continue
             for key in ("image", "image_path", "second_image"):
                 if isinstance(entry.get(key), str):
-                    p = Path(entry[key])
-                    paths.append(p if p.is_absolute() else source.parent / p)
+                    paths.append(_entry_path(source, entry[key]))
     usable = [p for p in paths if p.is_file()]
     if not usable:
         raise ValueError(f"no readable images found in {source}")
@@ -96,8 +101,7 @@ def pair_paths(source: str | os.PathLike) -> list[tuple[Path, Path]]:
     pairs = []
     for entry in read_description(source):
         if isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("second_image"), str):
-            upper, lower = (Path(entry[k]) if Path(entry[k]).is_absolute() else source.parent / entry[k]
-                            for k in ("image", "second_image"))
+            upper, lower = _entry_path(source, entry["image"]), _entry_path(source, entry["second_image"])
             if upper.is_file() and lower.is_file():
                 pairs.append((upper, lower))
     return pairs
