@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fileio import atomic_path, atomic_write_text
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 MOVQGAN_NAME = "movqgan_demo.ckpt"
 BUILD_INFO = "build_info.json"
@@ -114,10 +116,8 @@ def _train_tokenizer(out: Path, plan: BuildPlan, vq_records: Path, movqgan: Path
               f"dense edge F1 {report['dense_edge_f1']:.2f}", flush=True)
         if min(report["t2i_ok"], report["control_ok"], report["dense_edge_f1"]) >= plan.vq_min_check:
             _write_json(out / VQ_REPORT, {**report, "attempts": attempts})
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{movqgan.name}.", suffix=".tmp")
-            os.close(fd)
-            shutil.copy2(candidate, tmp)
-            os.replace(tmp, movqgan)
+            with atomic_path(movqgan) as tmp:
+                shutil.copyfile(candidate, tmp)
             return
     results = "; ".join(f"seed {r['seed']}: t2i {r['t2i_ok']:.2f}, control {r['control_ok']:.2f}, "
                         f"dense edge F1 {r['dense_edge_f1']:.2f}" for r in attempts)
@@ -127,10 +127,7 @@ def _train_tokenizer(out: Path, plan: BuildPlan, vq_records: Path, movqgan: Path
 
 
 def _write_json(path: Path, data: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def model_config(plan: BuildPlan, vocab_size: int) -> dict:
