@@ -97,6 +97,25 @@ def test_per_row_rollback(tiny_model, oracle):
     assert cache.lengths.tolist() == [31, 27]
 
 
+def test_cache_pointer_moves_in_place_and_the_graph_step_runs_eagerly_on_cpu(tiny_model, oracle):
+    """A CUDA graph captured over a decode step keeps reading the cache's pointer tensor, so forward
+    and rollback must move that very tensor; off CUDA, CUDAGraphStep is the plain step."""
+    from lumina_core.quant import CUDAGraphStep
+
+    ids = oracle["t2i_full"]["input_ids"]
+    cache = KVCache(tiny_model.config, 1, 64)
+    pointer = cache.lengths
+    step = CUDAGraphStep(tiny_model.hidden_states)
+    with torch.no_grad():
+        tiny_model(ids[:, :10], cache=cache)
+        cache.rollback(3)
+        hidden = step(ids[:, 7:9], position_ids=torch.arange(7, 9)[None], cache=cache, kv_len=16)
+        expected = tiny_model.hidden_states(ids[:, :9])[:, 7:9]
+    assert cache.lengths is pointer and pointer.tolist() == [9]
+    assert not step.graphs and step.captures == 0
+    assert (hidden - expected).abs().max() < 1e-4
+
+
 def _read_keys(path):
     out = {}
     for line in path.read_text().splitlines():
