@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lumina_core.demo import checker, data  # noqa: E402
-from lumina_core.images import tensor_to_uint8  # noqa: E402
+from lumina_core.images import tensor_to_uint8, unit_to_uint8  # noqa: E402
 from lumina_core.pipeline import LuminaPipeline  # noqa: E402
 from lumina_core.request import Request  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
@@ -72,7 +72,7 @@ def eval_best_of_n(pipe: LuminaPipeline, captions: list[data.Caption], cfg: floa
     for i, caption in enumerate(captions):
         request = Request(task="t2i", prompt=caption.text(), width=SIZE, height=SIZE)
         result = best_of_n(pipe, request, sampling(cfg, top_k, seed + 1000 * i, n), {"demo_check": verifier})
-        pixels = ((result.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()
+        pixels = unit_to_uint8(result.images).permute(0, 2, 3, 1).numpy()
         best.append(checker.check_image(pixels[result.best_index], caption))
         first.append(checker.check_image(pixels[0], caption))  # seed of N = 1
     return {"n1_ok": float(np.mean([r.ok for r in first])), "n1_ok_shape": float(np.mean([r.ok_with_shape for r in first])),

@@ -228,7 +228,9 @@ def check_tokenizer(movqgan_path: str | os.PathLike, seed: int, count: int = 60)
     """
     import numpy as np
     import torch
+    from PIL import Image
 
+    from ..images import pil_to_tensor, tensor_to_uint8
     from ..movqgan import load_movqgan
     from . import checker, data
 
@@ -237,10 +239,10 @@ def check_tokenizer(movqgan_path: str | os.PathLike, seed: int, count: int = 60)
     rng = np.random.default_rng(seed + 7)
 
     def to_tensor(pixels):
-        return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return pil_to_tensor(Image.fromarray(pixels))[None]
 
     def to_uint8(images):
-        return ((images[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        return tensor_to_uint8(images[0]).numpy()
 
     t2i, control, dense = [], [], []
     size = data.IMAGE_SIZE

@@ -238,15 +238,16 @@ def train_vq(opts: VQOptions) -> Path:
 
 @torch.no_grad()
 def evaluate_reconstruction(model, images: torch.Tensor, batch: int = 64) -> dict:
-    """PSNR (dB, pixels in [-1, 1] mapped to 0..255 and rounded, as saved images are) and codes used."""
+    """PSNR (dB, on the 8-bit pixels a saved image holds) and codes used."""
+    from ..images import tensor_to_uint8
+
     squared_error, pixels, used = 0.0, 0, set()
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
         codes = model.encode(x)
         used.update(codes.unique().tolist())
-        recon = model.decode(codes)
-        to_uint8 = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
-        squared_error += float((to_uint8(recon.cpu()) - to_uint8(x)).pow(2).sum())
+        recon = tensor_to_uint8(model.decode(codes)).float()
+        squared_error += float((recon - tensor_to_uint8(x).float()).pow(2).sum())
         pixels += x.numel()
     mse = squared_error / max(pixels, 1)
     return {"psnr_db": round(10 * math.log10(255 ** 2 / max(mse, 1e-12)), 2), "codes_used": len(used)}
