@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from lumina_core.verify import get_verifier, weight_memory  # noqa: E402
-from lumina_core.verify.tiny import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl  # noqa: E402
+from lumina_core.testing.verifiers import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl  # noqa: E402
 
 
 def _rss_bytes() -> int:

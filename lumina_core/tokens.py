@@ -10,17 +10,15 @@ ends with the new-line token ``<reserved08799>``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from .fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +45,6 @@ _OFFICIAL_CODE_OFFSET = 155000
 _OFFICIAL_NUM_CODES = 16384
 
 _SIZE_TOKEN_RE = re.compile(r"^<reserved(\d{5})>$")
-
-
-class TokenGrammarError(ValueError):
-    """A token sequence or code grid does not follow the Lumina image-token grammar."""
 
 
 def size_token_string(n_grids: int) -> str:
@@ -230,155 +224,3 @@ def dual_panel_prefix_ids(layout: TokenLayout, upper_codes: torch.Tensor) -> lis
     w_grids = _grid_of(upper_codes.shape[1], "width")
     return [layout.image_start, layout.size_token(2 * h_grids), layout.size_token(w_grids),
             *_row_ids(layout, upper_codes)]
-
-
-def _describe(layout: TokenLayout, token_id: int) -> str:
-    names = {layout.image_start: "image start", layout.image_end: "image end",
-             layout.new_line: "new line", layout.separator: "separator", layout.bos: "BOS"}
-    if token_id in names:
-        return f"{token_id} ({names[token_id]})"
-    if layout.is_image_code(token_id):
-        return f"{token_id} (image code {token_id - layout.image_code_offset})"
-    return str(token_id)
-
-
-def codes_from_ids(layout: TokenLayout, ids: Sequence[int] | torch.Tensor, require_end: bool = True) -> torch.LongTensor:
-    """Parse one image's id sequence (starting at the image start) into its code grid [h, w].
-
-    Validates the whole grammar; errors name what is wrong and the position in ``ids``.
-    With ``require_end=False`` a sequence that stops early (no end token) returns the complete
-    rows only, e.g. for previews of an unfinished image.
-    """
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1:
-            raise TokenGrammarError(f"expected a 1-D id sequence, got shape {tuple(ids.shape)}")
-        ids = ids.tolist()
-    ids = [int(i) for i in ids]
-    if not ids or ids[0] != layout.image_start:
-        got = _describe(layout, ids[0]) if ids else "an empty sequence"
-        raise TokenGrammarError(f"missing image start at position 0: expected {layout.image_start}, got {got}")
-    if len(ids) < 3:
-        raise TokenGrammarError(f"sequence ends at position {len(ids)} before the height and width size tokens")
-    grids = []
-    for pos, what in ((1, "height"), (2, "width")):
-        try:
-            grids.append(layout.grid_count(ids[pos]))
-        except ValueError:
-            raise TokenGrammarError(
-                f"unknown {what} size token at position {pos}: {_describe(layout, ids[pos])} is not a size token"
-            ) from None
-    rows, cols = grids[0] * LATENT_PER_GRID, grids[1] * LATENT_PER_GRID
-    body_start, row_len = 3, cols + 1
-    codes: list[list[int]] = []
-    for r in range(rows):
-        row_pos = body_start + r * row_len
-        row = ids[row_pos:row_pos + row_len]
-        for c, token_id in enumerate(row[:cols]):
-            if not layout.is_image_code(token_id):
-                what = "row too short" if token_id in (layout.new_line, layout.image_end) else "non-image id"
-                raise TokenGrammarError(
-                    f"{what} at position {row_pos + c} (row {r}, column {c}): expected an image code "
-                    f"({cols} per row), got {_describe(layout, token_id)}"
-                )
-        if len(row) < row_len:
-            if require_end:
-                raise TokenGrammarError(
-                    f"sequence ends at position {len(ids)} inside row {r} of {rows} ({len(row)} of {row_len} "
-                    "tokens incl. the new line); missing image end"
-                )
-            break
-        if row[cols] != layout.new_line:
-            what = "row too long" if layout.is_image_code(row[cols]) else "missing new line"
-            raise TokenGrammarError(
-                f"{what} at position {row_pos + cols} (end of row {r}): expected the new line "
-                f"{layout.new_line}, got {_describe(layout, row[cols])}"
-            )
-        codes.append([t - layout.image_code_offset for t in row[:cols]])
-    end_pos = body_start + rows * row_len
-    if len(codes) == rows:
-        if end_pos >= len(ids):
-            if require_end:
-                raise TokenGrammarError(f"missing image end at position {end_pos}: sequence ends after the last row")
-        elif ids[end_pos] != layout.image_end:
-            raise TokenGrammarError(f"missing image end at position {end_pos}: expected {layout.image_end}, "
-                                    f"got {_describe(layout, ids[end_pos])}")
-        elif end_pos + 1 != len(ids):
-            raise TokenGrammarError(f"{len(ids) - end_pos - 1} unexpected tokens after the image end "
-                                    f"(position {end_pos + 1} on)")
-    return torch.tensor(codes, dtype=torch.long).reshape(len(codes), cols)
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny real tokenizers (tests, the tiny-checkpoint helper, the embedded demo model)
-
-_BASE_CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,:;!?'\"()-<>_/×")
-_WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]", re.IGNORECASE)
-
-
-def _template_words() -> list[str]:
-    from .tasks import TASKS  # local import: tasks does not depend on tokens
-
-    words: list[str] = []
-    for spec in TASKS.values():
-        for template in spec.templates.values():
-            words.extend(_WORD_RE.findall(template))
-    return words
-
-
-def build_tokenizer(folder: str | os.PathLike, words: Iterable[str] | str = (), num_image_codes: int = 16384,
-                    max_grids: int = 64) -> Any:
-    """Write a tiny real tokenizer (tokenizer.json + tokenizer_config.json) and return it loaded.
-
-    A word-level model over ``words`` (a list of words or a plain-text corpus), every word of the
-    task templates, single letters, digits and punctuation; unknown words map to ``<unk>``.
-    Specials follow the official relative order: text, ``<|endoftext|>``, image start, image end,
-    three unused separators, new line, separator, size tokens 1..``max_grids``, then
-    ``num_image_codes`` image tokens ``<MOVQGAN_xxxxx>``. BOS follows the Qwen2.5 rule (no BOS,
-    EOS = ``<|endoftext|>``).
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    if isinstance(words, str):
-        words = _WORD_RE.findall(words)
-    vocab: dict[str, int] = {"<unk>": 0}
-    for word in [*_BASE_CHARACTERS, *_template_words(), *words]:
-        for piece in _WORD_RE.findall(word.lower()):
-            vocab.setdefault(piece, len(vocab))
-    specials = ["<|endoftext|>", IMAGE_START, IMAGE_END, *UNUSED_SEPARATORS, NEW_LINE, SEPARATOR,
-                *(size_token_string(n) for n in range(1, max_grids + 1))]
-    image_tokens = [image_code_token_string(c) for c in range(num_image_codes)]
-    for token in [*specials, *image_tokens]:
-        vocab[token] = len(vocab)
-
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    # Words, single digits (so "768x768" tokenises) and single punctuation marks.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(pattern=_tokenizers_regex(), behavior="isolated"),
-    ])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", *specials]])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in image_tokens])
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<unk>",
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 131072,
-    }
-    atomic_write_text(folder / "tokenizer.json", tok.to_str())
-    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
-    return load_text_tokenizer(folder)
-
-
-def _tokenizers_regex() -> Any:
-    from tokenizers import Regex
-
-    return Regex(r"[a-z]+|[0-9]|[^\sa-z0-9]")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lumina_core.batch import read_jsonl_records
-from lumina_core.tiny import write_tiny_checkpoint
+from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

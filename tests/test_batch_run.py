@@ -10,7 +10,7 @@ from PIL import Image
 
 from lumina_core.batch import BatchOptions, ItemDefaults, RankInfo, read_jsonl_records, run_batch
 from lumina_core.sampling import SamplingConfig
-from lumina_core.tiny import write_tiny_checkpoint
+from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
 SAMPLING = SamplingConfig(cfg=2.0, top_k=16)
 

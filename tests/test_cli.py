@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lumina_core.__main__ import main
-from lumina_core.tiny import write_tiny_checkpoint
+from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

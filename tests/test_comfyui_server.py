@@ -123,7 +123,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sys.path.insert(0, str(REPO))
-    from lumina_core.tiny import write_tiny_checkpoint
+    from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("comfy_base")
     for sub in ("custom_nodes", "input", "output", "models/lumina_mgpt2"):

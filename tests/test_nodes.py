@@ -238,7 +238,7 @@ def test_think_prompt_off_passes_through_and_bad_endpoint_is_refused(pack):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from lumina_core.tiny import write_tiny_checkpoint
+    from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("models")
     write_tiny_checkpoint(root / "tiny", words="a red fox house on hill")

@@ -6,7 +6,7 @@ from PIL import Image
 from lumina_core.pipeline import GeneratedCodes, LuminaPipeline
 from lumina_core.request import Request, RequestError
 from lumina_core.sampling import GenerationCancelled, SamplingConfig
-from lumina_core.tiny import write_tiny_checkpoint
+from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import torch
 
 from lumina_core import load_movqgan, load_transformer
-from lumina_core.tiny import TINY_MOVQGAN_FILE, write_tiny_checkpoint
+from lumina_core.testing.checkpoints import TINY_MOVQGAN_FILE, write_tiny_checkpoint
 from lumina_core.tokens import TokenLayout, load_text_tokenizer
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lumina_core.model import build_transformer, load_transformer
-from lumina_core.tiny import TINY_MOVQGAN_FILE, write_tiny_checkpoint
-from lumina_core.tokens import TokenLayout, codes_from_ids, load_text_tokenizer
+from lumina_core.testing.checkpoints import TINY_MOVQGAN_FILE, write_tiny_checkpoint
+from lumina_core.testing.grammar import codes_from_ids
+from lumina_core.tokens import TokenLayout, load_text_tokenizer
 from lumina_core.train import FitOptions, TokenDataset, causal_lm_loss, export_official, fit, make_sample, prepare
 from lumina_core.train import data as train_data
 from lumina_core.train.__main__ import main as cli_main

@@ -9,7 +9,7 @@ import torch
 
 from lumina_core.verify import (BestOfN, DemoCheckVerifier, average_ranks, best_of_n, get_verifier,
                                 load_aesthetic_head, rank, resolve_model_folder, to_pil_images, weight_memory, zscores)
-from lumina_core.verify.tiny import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl
+from lumina_core.testing.verifiers import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl
 
 
 @pytest.fixture(scope="module")

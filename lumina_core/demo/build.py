@@ -4,7 +4,7 @@ Stages (each one a subprocess running the project's own CLI, so the demo is trai
 a user trains a model):
 
 1. data: procedural images (``lumina_core.demo.data``) written as a ``train prepare`` description;
-2. tokenizer: a tiny real tokenizer (``tokens.build_tokenizer``) with the captions' words;
+2. tokenizer: a tiny real tokenizer (``testing.tokenizer.build_tokenizer``) with the captions' words;
 3. ``python -m lumina_core.train vq``: a small MoVQGAN (same architecture and .ckpt format as the 270M);
 4. ``python -m lumina_core.train prepare``: pre-tokenisation with that MoVQGAN;
 5. ``python -m lumina_core.train fit``: a tiny transformer of the official architecture from a config.json;
@@ -142,7 +142,7 @@ def model_config(plan: BuildPlan, vocab_size: int) -> dict:
 
 def build(out: str | os.PathLike, plan: BuildPlan = BuildPlan(), threads: int | None = None) -> Path:
     """Run every stage into ``out``; returns the finished model folder ``out/model``."""
-    from ..tokens import build_tokenizer
+    from ..testing.tokenizer import build_tokenizer
     from . import data
 
     out = Path(out).resolve()

@@ -67,7 +67,7 @@ def make_tiny_clip(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
 
 def make_tiny_aesthetic_head(path: str, input_size: int = 16, seed: int = 0) -> str:
     """Save a random LAION-format aesthetic head (torch.save of a state dict with layers.N.* keys)."""
-    from .clip import AestheticHead
+    from ..verify.clip import AestheticHead
 
     torch.manual_seed(seed)
     head = AestheticHead(input_size)

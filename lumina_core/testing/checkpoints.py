@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .fileio import atomic_path, atomic_write_text
-from .model import build_transformer
+from ..config import ModelConfig
+from ..fileio import atomic_path, atomic_write_text
+from ..model import build_transformer
 
 TINY_MOVQGAN_FILE = "movqgan.ckpt"
 
@@ -41,8 +41,8 @@ def write_tiny_checkpoint(folder: str | Path, *, words: str | list[str] = (), nu
     `init_std` is larger than training's 0.02 so that random logits are far from uniform and
     sampling tests see a peaked, position-dependent distribution.
     """
-    from .movqgan import MoVQConfig, MoVQGAN, save_movqgan
-    from .tokens import build_tokenizer
+    from ..movqgan import MoVQConfig, MoVQGAN, save_movqgan
+    from .tokenizer import build_tokenizer
 
     folder = Path(folder)
     tokenizer = build_tokenizer(folder, words=words, num_image_codes=num_image_codes, max_grids=max_grids)
