@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image
 
+from .errors import InputError
 from .fileio import atomic_path, atomic_write_text
 from .request import Request
 from .tasks import get_task
@@ -67,7 +68,7 @@ SEED_STRIDE = 1000
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputError):
     """A prompt file that cannot be read at all (missing, empty, or not text)."""
 
 

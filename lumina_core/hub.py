@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _NAME_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})?$")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(InputError, FileNotFoundError):
     """Weights could not be found or fetched; the message lists where we looked and what to place there."""
 
 

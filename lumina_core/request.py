@@ -14,13 +14,14 @@ from PIL import Image
 from .images import center_crop, pil_to_tensor
 from .tasks import TaskSpec, get_task
 from .tokens import GRID_PIXELS, image_token_count
+from .errors import InputError
 
 # The official generate path caps new tokens at 10,240 (max_gen_len); squares above 800x800 then
 # never reach the image end and silently produce nothing (reference section j.13).
 DEFAULT_MAX_POSITIONS = 10240
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request that cannot be generated as given (the message says what is allowed)."""
 
 

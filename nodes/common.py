@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from ..lumina_core.errors import InputError
 from ..lumina_core.images import pil_to_unit, unit_to_uint8
 
 CATEGORY = "Lumina-mGPT 2.0"
@@ -14,7 +15,7 @@ REQUEST = "LUMINA_REQUEST"  # a lumina_core Request
 CODES = "LUMINA_CODES"      # a lumina_core GeneratedCodes (codes [B, rows, cols] + request + seeds)
 
 
-class NodeInputError(ValueError):
+class NodeInputError(InputError):
     """A node input that cannot be used; the message says what is wrong and what is allowed."""
 
 

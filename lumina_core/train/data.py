@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from ..fileio import atomic_path, atomic_write_text
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json", "generation_config.json")
 
 
-class BadItem(ValueError):
+class BadItem(InputError):
     """One dataset item that cannot be used; ``kind`` is a short machine-readable reason."""
 
     def __init__(self, kind: str, message: str, file: str | None = None) -> None:
