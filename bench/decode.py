@@ -26,7 +26,7 @@ from lumina_core.config import ModelConfig  # noqa: E402
 from lumina_core.model import KVCache, build_transformer  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
 from lumina_core.sampling.ar import decode_ar  # noqa: E402
-from lumina_core.sampling.batch import CFGBatch, DecodeSpec  # noqa: E402
+from lumina_core.sampling.state import CFGBatch, DecodeJob  # noqa: E402
 from lumina_core.sampling.sjd import decode_sjd  # noqa: E402
 
 START, END_ID, NL, SIZE, OFFSET = 10, 11, 12, 13, 16
@@ -78,25 +78,25 @@ class MarkovField(nn.Module):
         return hidden
 
 
-def spec_for(rows: int, cols: int, num_codes: int, prompt_len: int = 8) -> DecodeSpec:
+def job_for(rows: int, cols: int, num_codes: int, prompt_len: int = 8) -> DecodeJob:
     header = (START, SIZE, SIZE)
-    return DecodeSpec(cond_prefix=tuple(range(1, prompt_len + 1)) + header, uncond_prefix=header, rows=rows, cols=cols,
+    return DecodeJob(cond_prefix=tuple(range(1, prompt_len + 1)) + header, uncond_prefix=header, rows=rows, cols=cols,
                       new_line=NL, image_end=END_ID, code_offset=OFFSET, num_codes=num_codes)
 
 
 def forward_pass_figures(args) -> None:
     model = MarkovField(args.codes, args.grid, args.sharpness)
-    spec = spec_for(args.grid, args.grid, args.codes)
+    job = job_for(args.grid, args.grid, args.codes)
     seeds = list(range(args.images))
     base = dict(cfg=1.0, top_k=args.codes, temperature=1.0, num_images=args.images)
-    codes, ar_stats = decode_ar(model, spec, SamplingConfig(**base), seeds)
+    codes, ar_stats = decode_ar(model, job, SamplingConfig(**base), seeds)
     # How peaked is the target? (top-1 probability on the sampled images)
     print(f"synthetic 2-D Markov field: {args.grid}x{args.grid} codes, {args.codes} codes, {args.images} images, "
-          f"{spec.generated_tokens} tokens per image")
+          f"{job.generated_tokens} tokens per image")
     print(f"  plain AR : {ar_stats['forward_passes']:6d} forward passes per image  ({ar_stats['seconds']:.2f} s)")
     for coupled in (False, True):
         s = SamplingConfig(**base, sjd=True, sjd_window=args.window, sjd_coupled=coupled)
-        _, st = decode_sjd(model, spec, s, seeds)
+        _, st = decode_sjd(model, job, s, seeds)
         hist = st["accepted_drafts_histogram"]
         single = hist[0] / max(1, sum(hist))
         name = "SJD coupled" if coupled else "SJD"
@@ -111,22 +111,22 @@ def timing_figures(args) -> None:
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64)
     model = build_transformer(cfg).eval()
     rows = cols = args.t_grid
-    spec = spec_for(rows, cols, args.t_codes, prompt_len=64)
+    job = job_for(rows, cols, args.t_codes, prompt_len=64)
     n_img = 1
     sampling = SamplingConfig(cfg=4.0, top_k=min(4096, args.t_codes), num_images=n_img)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Best of 2 runs each: the minimum filters out other processes on a shared machine.
-    ar_stats = min((decode_ar(model, spec, sampling, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
+    ar_stats = min((decode_ar(model, job, sampling, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
     rss_ar = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     s = SamplingConfig(cfg=4.0, top_k=min(4096, args.t_codes), num_images=n_img, sjd=True, sjd_window=args.window)
-    sjd_stats = min((decode_sjd(model, spec, s, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
+    sjd_stats = min((decode_sjd(model, job, s, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
 
     # Bare forwards of the same shapes at the mean cache length: the transformer and the image-code
     # head, nothing else (no sampling, no bookkeeping).
     with torch.no_grad():
-        batch = CFGBatch(model, spec, sampling, n_img, window=args.window)
-        batch.prefill(len(spec.cond_prefix))
-        mid = spec.generated_tokens // 2
+        batch = CFGBatch(model, job, sampling, n_img, window=args.window)
+        batch.prefill(len(job.cond_prefix))
+        mid = job.generated_tokens // 2
         batch.cache.lengths += mid
         batch.host_pointer = [p + mid for p in batch.host_pointer]
 

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lumina_core.config import ModelConfig  # noqa: E402
 from lumina_core.model import build_transformer  # noqa: E402
-from lumina_core.quant import CUDAGraphStep, compile_step, quantize_transformer, weight_bytes  # noqa: E402
+from lumina_core.quant import quantize_module, weight_bytes  # noqa: E402
+from lumina_core.sampling.step import CUDAGraphStep, compile_step  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
-from lumina_core.sampling.batch import CFGBatch, DecodeSpec, RowRandom  # noqa: E402
+from lumina_core.sampling.state import CFGBatch, DecodeJob, RowRandom  # noqa: E402
 from lumina_core.sampling.logits import sample_inverse_cdf  # noqa: E402
 
 H200_BYTES_PER_S = 4.8e12
@@ -43,9 +44,9 @@ def make_model(device: torch.device, tiny: bool = False) -> torch.nn.Module:
     return model.eval()
 
 
-def spec_768(prompt_len: int = 200) -> DecodeSpec:
+def job_768(prompt_len: int = 200) -> DecodeJob:
     header = (151665, 160000, 160000)
-    return DecodeSpec(cond_prefix=tuple([1] * prompt_len) + header, uncond_prefix=header, rows=96, cols=96,
+    return DecodeJob(cond_prefix=tuple([1] * prompt_len) + header, uncond_prefix=header, rows=96, cols=96,
                       new_line=151670, image_end=151666, code_offset=OFFSET, num_codes=NUM_CODES)
 
 
@@ -55,18 +56,18 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def step_ms(model, spec, window: int, keep: float, fractions, reps: int, step_fn=None) -> list[float]:
+def step_ms(model, job, window: int, keep: float, fractions, reps: int, step_fn=None) -> list[float]:
     """Mean ms of one decoder step (forward + target p + sampling) at cache fractions of the image."""
     sampling = SamplingConfig(cfg=4.0, top_k=4096)
-    batch = CFGBatch(model, spec, sampling, 1, window=window, step_fn=step_fn, bucket_kv=step_fn is not None)
+    batch = CFGBatch(model, job, sampling, 1, window=window, step_fn=step_fn, bucket_kv=step_fn is not None)
     rng = RowRandom([0], batch.device)
-    batch.prefill(len(spec.cond_prefix))
+    batch.prefill(len(job.cond_prefix))
     out = []
     tokens = torch.full((1, window), OFFSET + 5, device=batch.device)
     for frac in fractions:
-        target = int(frac * spec.generated_tokens)
-        batch.cache.lengths.fill_(len(spec.cond_prefix) + target)  # in place: CUDA graphs read this tensor
-        batch.host_pointer = [len(spec.cond_prefix) + target]
+        target = int(frac * job.generated_tokens)
+        batch.cache.lengths.fill_(len(job.cond_prefix) + target)  # in place: CUDA graphs read this tensor
+        batch.host_pointer = [len(job.cond_prefix) + target]
         pos = torch.full((1, window), target, device=batch.device)
         for i in range(reps + 3):
             if i == 3:
@@ -103,7 +104,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     model = make_model(device, tiny=args.cpu_smoke)
     if args.quant == "int4":
-        quantize_transformer(model, "int4")
+        quantize_module(model, "int4")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         load_peak = torch.cuda.max_memory_allocated() / 1e9
@@ -113,19 +114,19 @@ def main() -> None:
     step_fn = compile_step(model) if args.compile else None
     if args.cuda_graphs and device.type == "cuda":
         step_fn = CUDAGraphStep(step_fn or model.hidden_states)
-    spec = spec_768()
+    job = job_768()
     fractions = tuple(float(f) for f in args.fractions.split(","))
-    tokens = spec.generated_tokens
+    tokens = job.generated_tokens
     wbytes = weight_bytes(model) - model.model.embed_tokens.weight.numel() * 2  # the embedding is only gathered
     wbytes -= model.lm_head.weight.numel() * 2 - NUM_CODES * model.config.hidden_size * 2  # image-code head only
     c = model.config
     kv_per_pos = 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # K+V, layers, CFG rows, heads, D, bf16
-    mean_kv = (len(spec.cond_prefix) + tokens / 2) * kv_per_pos
+    mean_kv = (len(job.cond_prefix) + tokens / 2) * kv_per_pos
     limit_ms = 1e3 * (wbytes + mean_kv) / H200_BYTES_PER_S
     for name, window, keep in (("plain", 1, 1.0), ("sjd", 16, args.accept)):
         if name not in args.modes.split(","):
             continue
-        ms = step_ms(model, spec, window, keep, fractions, args.reps, step_fn)
+        ms = step_ms(model, job, window, keep, fractions, args.reps, step_fn)
         mean = sum(ms) / len(ms)
         steps = tokens / keep
         print(f"[{args.quant:4s} {name:5s}{' compiled' if args.compile else ''}{' graphs' if args.cuda_graphs else ''}] ms/step at {args.fractions} of the image: {', '.join(f'{m:.2f}' for m in ms)}; "

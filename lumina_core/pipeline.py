@@ -12,7 +12,7 @@ from .model import LuminaTransformer, load_transformer
 from .request import Request, RequestError
 from .sampling import SamplingConfig
 from .sampling.ar import decode_ar
-from .sampling.batch import DecodeSpec
+from .sampling.state import DecodeJob
 from .sampling.sjd import decode_sjd
 from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_text_tokenizer, prompt_ids
 
@@ -78,7 +78,8 @@ class LuminaPipeline:
         """
         from .hub import resolve_model
         from .movqgan import load_movqgan
-        from .quant import CUDAGraphStep, check_quant, compile_step, quantize_transformer
+        from .quant import check_quant, quantize_module
+        from .sampling.step import CUDAGraphStep, compile_step
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -91,7 +92,7 @@ class LuminaPipeline:
         ckpt = Path(movqgan_path) if movqgan_path else find_movqgan(folder, auto_download)
         movqgan = load_movqgan(ckpt, device=device)
         if quant:
-            quantize_transformer(transformer, quant)
+            quantize_module(transformer, quant)
         step_fn = compile_step(transformer) if compile else None
         if cuda_graphs and device.type == "cuda":
             step_fn = CUDAGraphStep(step_fn or transformer.hidden_states)
@@ -105,7 +106,7 @@ class LuminaPipeline:
         return self
 
     # --- request -> token job ---------------------------------------------------------------
-    def prepare(self, request: Request, sampling: Optional[SamplingConfig] = None) -> DecodeSpec:
+    def prepare(self, request: Request, sampling: Optional[SamplingConfig] = None) -> DecodeJob:
         """Tokenise the prompt, encode the reference (I2I) and check the size against the cache budget."""
         layout = self.layout
         prompt = prompt_ids(self.tokenizer, layout, request.prompt_text())
@@ -131,7 +132,7 @@ class LuminaPipeline:
             header = [layout.image_start, layout.size_token(h_grids), layout.size_token(w_grids)]
         # The requested size is WRITTEN into the prefix (the official code samples start/H/W), so the
         # output always has the size the user asked for.
-        return DecodeSpec(cond_prefix=tuple(prompt + header), uncond_prefix=tuple(header), rows=rows, cols=cols,
+        return DecodeJob(cond_prefix=tuple(prompt + header), uncond_prefix=tuple(header), rows=rows, cols=cols,
                           new_line=layout.new_line, image_end=layout.image_end, code_offset=layout.image_code_offset,
                           num_codes=layout.num_image_codes, first_row=first_row, reference_codes=reference_codes)
 
@@ -140,13 +141,13 @@ class LuminaPipeline:
                  should_cancel: Optional[Callable[[], bool]] = None) -> GeneratedCodes:
         """Sample `sampling.num_images` code grids for `request` in one batch (image i uses seed + i)."""
         sampling = sampling or SamplingConfig()
-        spec = self.prepare(request, sampling)
+        job = self.prepare(request, sampling)
         seeds = sampling.seeds
         if sampling.sjd:
-            codes, stats = decode_sjd(self.transformer, spec, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
+            codes, stats = decode_sjd(self.transformer, job, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
         else:
-            codes, stats = decode_ar(self.transformer, spec, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
-        stats["prompt_tokens"] = len(spec.cond_prefix) - 3 - spec.first_body
+            codes, stats = decode_ar(self.transformer, job, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
+        stats["prompt_tokens"] = job.prompt_tokens
         return GeneratedCodes(codes=codes.cpu(), request=request, seeds=seeds, stats=stats)
 
     @torch.no_grad()

@@ -1,8 +1,8 @@
-"""Weight-only quantization (torchao), torch.compile of the decode step, and CUDA-graph replay of it."""
+"""Weight-only quantization (torchao) and the choice of kernel per device and shape."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -26,27 +26,31 @@ def check_quant(mode: Optional[str], device: torch.device | str, dtype: torch.dt
         raise ValueError(f"int4 on CUDA (torchao Int4WeightOnlyConfig) needs dtype=torch.bfloat16, got {dtype}")
 
 
-def quantize_transformer(model: nn.Module, mode: str, include_lm_head: bool = False,
-                         group_size: int = INT4_GROUP_SIZE) -> nn.Module:
-    """Quantize the transformer's linear weights in place (weight-only); lm_head stays high precision by default.
+def quantize_module(module: nn.Module, quant: str, device: Optional[torch.device | str] = None,
+                    include_lm_head: bool = False, group_size: int = INT4_GROUP_SIZE) -> None:
+    """Quantize every eligible nn.Linear inside `module` in place (weight-only), for `device`.
 
-    int8: torchao Int8WeightOnlyConfig (per-channel). int4: groups of `group_size` input channels,
-    Int4WeightOnlyConfig on CUDA, IntxWeightOnlyConfig(int4, PerGroup) on CPU. Embeddings and norms
-    are never quantized.
+    Works on a whole transformer or on one decoder layer (the streaming loader quantizes layer by
+    layer). `device` (default: where the module's weights are) picks the kernel and is where the
+    quantized weights end up. lm_head stays high precision unless `include_lm_head`; embeddings and
+    norms are never quantized. int8: torchao Int8WeightOnlyConfig (per-channel). int4: groups of
+    `group_size` input channels, Int4WeightOnlyConfig on CUDA, IntxWeightOnlyConfig(int4, PerGroup)
+    on CPU.
     """
-    param = next(model.parameters())
-    check_quant(mode, param.device, param.dtype)
+    param = next(module.parameters())
+    device = torch.device(device) if device is not None else param.device
+    check_quant(quant, device, param.dtype)
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    def wanted(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Linear) and (include_lm_head or name != "lm_head")
+    def wanted(m: nn.Module, name: str) -> bool:
+        return isinstance(m, nn.Linear) and (include_lm_head or name != "lm_head")
 
-    if mode == "int4":
-        bad = [name for name, m in model.named_modules() if wanted(m, name) and m.in_features % group_size]
+    if quant == "int4":
+        bad = [name for name, m in module.named_modules() if wanted(m, name) and m.in_features % group_size]
         if bad:
             raise ValueError(f"int4 groups of {group_size} need in_features divisible by {group_size}; "
                              f"not so for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
-        if param.device.type == "cuda":
+        if device.type == "cuda":
             from torchao.quantization import Int4WeightOnlyConfig
             # The tile-packed layout runs on torch's own tinygemm kernel (aten._weight_int4pack_mm);
             # torchao's default "plain" layout needs the separate fbgemm-gpu-genai package.
@@ -57,17 +61,7 @@ def quantize_transformer(model: nn.Module, mode: str, include_lm_head: bool = Fa
             config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
     else:
         config = Int8WeightOnlyConfig()
-    quantize_(model, config, filter_fn=wanted)
-    return model
-
-
-def compile_step(model: nn.Module, mode: Optional[str] = None) -> Callable:
-    """The model's cached forward (`hidden_states`) wrapped in torch.compile for the decode step.
-
-    Decoders call it with fixed window shapes and key lengths rounded up to buckets, so it compiles
-    once per bucket. `mode` is passed to torch.compile (e.g. "max-autotune-no-cudagraphs").
-    """
-    return torch.compile(model.hidden_states, mode=mode, dynamic=False)
+    quantize_(module, config, filter_fn=wanted, device=device)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -82,77 +76,3 @@ def weight_bytes(model: nn.Module) -> int:
         else:
             total += data.numel() * data.element_size()
     return total
-
-
-class CUDAGraphStep:
-    """A cached decode step (`hidden_states` or its compiled form) replayed from CUDA graphs.
-
-    Why: one 7B decode step is hundreds of small kernels; launched one by one from Python they took
-    about 31 ms per step on an H200 (eager) against about 4 ms of memory traffic. A CUDA graph
-    replays the whole step with one launch. One graph is captured per (KV cache, input shape, key
-    length); decoders keep those few (fixed windows, key lengths rounded up to buckets). Graphs
-    share one memory pool and run one at a time on one stream. The cache's pointer (`lengths`) is
-    updated in place, so replays advance it like an eager step. Anything other than a CUDA cached
-    step, or a step whose capture fails, runs eagerly.
-    """
-
-    def __init__(self, fn: Callable, warmup: int = 1) -> None:
-        self.fn = fn
-        self.warmup = warmup
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
-        self.failed = False
-        self.captures = 0
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 position_ids: Optional[torch.Tensor] = None, cache=None, kv_len: Optional[int] = None) -> torch.Tensor:
-        if (self.failed or cache is None or kv_len is None or position_ids is None or attention_mask is not None
-                or input_ids.device.type != "cuda"):
-            return self.fn(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                           kv_len=kv_len)
-        key = (id(cache), cache.lengths.data_ptr(), tuple(input_ids.shape), tuple(position_ids.shape), kv_len)
-        entry = self.graphs.get(key)
-        if entry is None:
-            try:
-                entry = self._capture(input_ids, position_ids, cache, kv_len)
-            except RuntimeError as e:  # an op that cannot be captured: keep working, eagerly
-                logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", e)
-                self.failed = True
-                self.graphs.clear()
-                return self.fn(input_ids, position_ids=position_ids, cache=cache, kv_len=kv_len)
-            self.graphs[key] = entry
-        graph, ids_buf, pos_buf, out = entry
-        ids_buf.copy_(input_ids)
-        pos_buf.copy_(position_ids)
-        graph.replay()
-        return out.clone()  # the static output is overwritten by the next replay
-
-    def _capture(self, input_ids, position_ids, cache, kv_len):
-        ids_buf, pos_buf = input_ids.clone(), position_ids.clone()
-        pointer = cache.lengths.clone()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        # Warm up on a side stream (lazy library initialisation must not happen during capture); the
-        # warm-up writes keys beyond the pointer, which stay masked until real tokens overwrite them.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(ids_buf, position_ids=pos_buf, cache=cache, kv_len=kv_len)
-                cache.lengths.copy_(pointer)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(ids_buf, position_ids=pos_buf, cache=cache, kv_len=kv_len)
-        cache.lengths.copy_(pointer)  # capture records work without running it; keep the pointer as it was
-        self.captures += 1
-        return graph, ids_buf, pos_buf, out
-
-    def reset(self) -> None:
-        """Drop every graph (e.g. when the KV cache they read is freed) and their memory pool.
-
-        The next capture takes a fresh pool: capturing into a pool whose graphs were all freed
-        trips an allocator assertion (seen with torch 2.11 on an H200).
-        """
-        self.graphs.clear()
-        self.pool = None

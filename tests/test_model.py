@@ -100,7 +100,7 @@ def test_per_row_rollback(tiny_model, oracle):
 def test_cache_pointer_moves_in_place_and_the_graph_step_runs_eagerly_on_cpu(tiny_model, oracle):
     """A CUDA graph captured over a decode step keeps reading the cache's pointer tensor, so forward
     and rollback must move that very tensor; off CUDA, CUDAGraphStep is the plain step."""
-    from lumina_core.quant import CUDAGraphStep
+    from lumina_core.sampling.step import CUDAGraphStep
 
     ids = oracle["t2i_full"]["input_ids"]
     cache = KVCache(tiny_model.config, 1, 64)

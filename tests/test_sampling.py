@@ -6,7 +6,7 @@ from lumina_core.config import ModelConfig
 from lumina_core.model import build_transformer
 from lumina_core.sampling import GenerationCancelled, SamplingConfig
 from lumina_core.sampling.ar import decode_ar
-from lumina_core.sampling.batch import DecodeSpec
+from lumina_core.sampling.state import DecodeJob
 from lumina_core.sampling.logits import (CODE, END, NEW_LINE, full_vocab_probs, guidance_table, image_probs,
                                          position_kind, sample_inverse_cdf, top_k_filter)
 
@@ -26,14 +26,14 @@ def tiny_model(num_codes=6, seed=0, sharpen=3.0):
     return model
 
 
-def spec_for(rows=2, cols=3, num_codes=6, prompt=(1, 2, 3, 4), reference=None):
+def job_for(rows=2, cols=3, num_codes=6, prompt=(1, 2, 3, 4), reference=None):
     header = (START, 13, 14)
     ref_ids = ()
     first_row = 0
     if reference is not None:
         first_row = reference.shape[0]
         ref_ids = tuple(int(x) for row in reference.tolist() for x in [*(c + OFFSET for c in row), NL])
-    return DecodeSpec(cond_prefix=tuple(prompt) + header + ref_ids, uncond_prefix=header + ref_ids, rows=rows, cols=cols,
+    return DecodeJob(cond_prefix=tuple(prompt) + header + ref_ids, uncond_prefix=header + ref_ids, rows=rows, cols=cols,
                       new_line=NL, image_end=END_ID, code_offset=OFFSET, num_codes=num_codes, first_row=first_row,
                       reference_codes=reference)
 
@@ -109,20 +109,20 @@ def test_sampling_config_rejects_bad_values(bad, match):
         SamplingConfig(**bad)
 
 
-def _unbatched_reference(model, spec, sampling, body_tokens, t):
+def _unbatched_reference(model, job, sampling, body_tokens, t):
     """p at body position t by the definition: two separate full forward passes (no cache), full vocabulary."""
     body = body_tokens[: t].tolist()  # includes the reference rows, which end both prefixes
-    cut = spec.first_body
-    cond_ids = torch.tensor([list(spec.cond_prefix[:len(spec.cond_prefix) - cut]) + body])
+    cut = job.first_body
+    cond_ids = torch.tensor([list(job.cond_prefix[:len(job.cond_prefix) - cut]) + body])
     cond = model(cond_ids)[0, -1]
-    g = guidance_table(sampling.cfg, sampling.guidance, spec.rows, spec.cols, spec.first_body)[t - spec.first_body]
+    g = guidance_table(sampling.cfg, sampling.guidance, job.rows, job.cols, job.first_body)[t - job.first_body]
     uncond = None
     if sampling.cfg != 1.0:
-        uncond = model(torch.tensor([list(spec.uncond_prefix[:len(spec.uncond_prefix) - cut]) + body]))[0, -1]
-    kind = position_kind(torch.tensor(t), spec.rows, spec.cols)
+        uncond = model(torch.tensor([list(job.uncond_prefix[:len(job.uncond_prefix) - cut]) + body]))[0, -1]
+    kind = position_kind(torch.tensor(t), job.rows, job.cols)
     full = full_vocab_probs(cond, uncond, float(g), kind, sampling.top_k, sampling.temperature,
-                            spec.new_line, spec.image_end, spec.code_offset, spec.num_codes)
-    return full[spec.code_offset: spec.code_offset + spec.num_codes]
+                            job.new_line, job.image_end, job.code_offset, job.num_codes)
+    return full[job.code_offset: job.code_offset + job.num_codes]
 
 
 @pytest.mark.parametrize("cfg,guidance,reference", [(3.0, "constant", False), (9.0, "official", False),
@@ -130,40 +130,40 @@ def _unbatched_reference(model, spec, sampling, body_tokens, t):
 def test_batched_cfg_equals_unbatched_definition(cfg, guidance, reference):
     model = tiny_model()
     ref = torch.tensor([[0, 1, 2], [3, 4, 5]]) if reference else None
-    spec = spec_for(rows=4 if reference else 2, cols=3, reference=ref)
+    job = job_for(rows=4 if reference else 2, cols=3, reference=ref)
     sampling = SamplingConfig(cfg=cfg, guidance=guidance, top_k=4, temperature=0.9, seed=3, num_images=2)
     trace = []
-    codes, stats = decode_ar(model, spec, sampling, sampling.seeds, trace=trace)
-    assert codes.shape == (2, spec.rows, spec.cols)
+    codes, stats = decode_ar(model, job, sampling, sampling.seeds, trace=trace)
+    assert codes.shape == (2, job.rows, job.cols)
     if reference:
         assert torch.equal(codes[:, :2], ref.expand(2, -1, -1))
-    body = torch.cat([codes + OFFSET, torch.full((2, spec.rows, 1), NL)], -1).reshape(2, -1)
+    body = torch.cat([codes + OFFSET, torch.full((2, job.rows, 1), NL)], -1).reshape(2, -1)
     body = torch.cat([body, torch.full((2, 1), END_ID)], 1)
-    assert len(trace) == (spec.rows - spec.first_row) * spec.cols
+    assert len(trace) == (job.rows - job.first_row) * job.cols
     with torch.no_grad():
         for t, probs in trace:
             for i in range(2):
-                expected = _unbatched_reference(model, spec, sampling, body[i], t)
+                expected = _unbatched_reference(model, job, sampling, body[i], t)
                 assert torch.allclose(probs[i], expected, atol=1e-5), (t, i)
-    assert stats["forward_passes"] == spec.generated_tokens  # prefill + one per token except the end
+    assert stats["forward_passes"] == job.generated_tokens  # prefill + one per token except the end
 
 
 def test_same_seed_same_image_whatever_the_batch():
     model = tiny_model()
-    spec = spec_for(rows=3, cols=3)
-    many = decode_ar(model, spec, SamplingConfig(cfg=3.0, top_k=6, seed=10, num_images=3), [10, 11, 12])[0]
-    one = decode_ar(model, spec, SamplingConfig(cfg=3.0, top_k=6, seed=11), [11])[0]
+    job = job_for(rows=3, cols=3)
+    many = decode_ar(model, job, SamplingConfig(cfg=3.0, top_k=6, seed=10, num_images=3), [10, 11, 12])[0]
+    one = decode_ar(model, job, SamplingConfig(cfg=3.0, top_k=6, seed=11), [11])[0]
     assert torch.equal(many[1], one[0])
     assert not torch.equal(many[0], many[1]) or not torch.equal(many[1], many[2])
 
 
 def test_progress_once_per_row_and_cancel():
     model = tiny_model()
-    spec = spec_for(rows=3, cols=2)
+    job = job_for(rows=3, cols=2)
     calls = []
-    decode_ar(model, spec, SamplingConfig(cfg=2.0), [0], progress=lambda d, t, c: calls.append((d, t, tuple(c.shape))))
+    decode_ar(model, job, SamplingConfig(cfg=2.0), [0], progress=lambda d, t, c: calls.append((d, t, tuple(c.shape))))
     assert [c[2] for c in calls] == [(1, 1, 2), (1, 2, 2), (1, 3, 2), (1, 3, 2)]
-    assert calls[-1][0] == calls[-1][1] == spec.generated_tokens
+    assert calls[-1][0] == calls[-1][1] == job.generated_tokens
     checks = []
 
     def cancel():
@@ -171,20 +171,20 @@ def test_progress_once_per_row_and_cancel():
         return len(checks) >= 2
 
     with pytest.raises(GenerationCancelled):
-        decode_ar(model, spec, SamplingConfig(cfg=2.0), [0], should_cancel=cancel)
+        decode_ar(model, job, SamplingConfig(cfg=2.0), [0], should_cancel=cancel)
     assert len(checks) == 2
 
 
 @pytest.mark.slow
 def test_compiled_step_gives_the_same_images():
-    from lumina_core.quant import compile_step
+    from lumina_core.sampling.step import compile_step
     from lumina_core.sampling.sjd import decode_sjd
 
     model = tiny_model()
-    spec = spec_for(rows=3, cols=3)
+    job = job_for(rows=3, cols=3)
     step = compile_step(model)
     plain = SamplingConfig(cfg=3.0, top_k=4, seed=1, num_images=2)
-    assert torch.equal(decode_ar(model, spec, plain, plain.seeds)[0],
-                       decode_ar(model, spec, plain, plain.seeds, step_fn=step)[0])
+    assert torch.equal(decode_ar(model, job, plain, plain.seeds)[0],
+                       decode_ar(model, job, plain, plain.seeds, step_fn=step)[0])
     sjd = SamplingConfig(cfg=3.0, top_k=4, seed=1, num_images=2, sjd=True, sjd_window=4)
-    assert torch.equal(decode_sjd(model, spec, sjd, sjd.seeds)[0], decode_sjd(model, spec, sjd, sjd.seeds, step_fn=step)[0])
+    assert torch.equal(decode_sjd(model, job, sjd, sjd.seeds)[0], decode_sjd(model, job, sjd, sjd.seeds, step_fn=step)[0])

@@ -8,7 +8,7 @@ from lumina_core.config import ModelConfig
 from lumina_core.model import build_transformer
 from lumina_core.sampling import SamplingConfig
 from lumina_core.sampling.ar import decode_ar
-from lumina_core.sampling.batch import DecodeSpec
+from lumina_core.sampling.state import DecodeJob
 from lumina_core.sampling.logits import CODE, full_vocab_probs, guidance_table, position_kind
 from lumina_core.sampling.sjd import decode_sjd, hash_uniform
 
@@ -27,38 +27,38 @@ def tiny_model(num_codes, seed=0, scale=4.0):
     return model
 
 
-def make_spec(rows, cols, num_codes, reference=None):
+def make_job(rows, cols, num_codes, reference=None):
     header = (START, 13, 14)
     ref_ids, first_row = (), 0
     if reference is not None:
         first_row = reference.shape[0]
         ref_ids = tuple(x for row in reference.tolist() for x in [*(c + OFFSET for c in row), NL])
-    return DecodeSpec(cond_prefix=(1, 2, 3) + header + ref_ids, uncond_prefix=header + ref_ids, rows=rows, cols=cols,
+    return DecodeJob(cond_prefix=(1, 2, 3) + header + ref_ids, uncond_prefix=header + ref_ids, rows=rows, cols=cols,
                       new_line=NL, image_end=END_ID, code_offset=OFFSET, num_codes=num_codes, first_row=first_row,
                       reference_codes=reference)
 
 
-def exact_distribution(model, spec, sampling):
+def exact_distribution(model, job, sampling):
     """Probability of every possible generated code grid, by enumeration with full (unbatched-definition) passes."""
-    free = (spec.rows - spec.first_row) * spec.cols
-    grids = torch.tensor(list(itertools.product(range(spec.num_codes), repeat=free)))
+    free = (job.rows - job.first_row) * job.cols
+    grids = torch.tensor(list(itertools.product(range(job.num_codes), repeat=free)))
     m = grids.shape[0]
-    gen = grids.reshape(m, spec.rows - spec.first_row, spec.cols) + OFFSET
+    gen = grids.reshape(m, job.rows - job.first_row, job.cols) + OFFSET
     body = torch.cat([gen, torch.full((m, gen.shape[1], 1), NL)], -1).reshape(m, -1)
-    cond = torch.cat([torch.tensor(spec.cond_prefix).expand(m, -1), body], 1)
-    uncond = torch.cat([torch.tensor(spec.uncond_prefix).expand(m, -1), body], 1)
+    cond = torch.cat([torch.tensor(job.cond_prefix).expand(m, -1), body], 1)
+    uncond = torch.cat([torch.tensor(job.uncond_prefix).expand(m, -1), body], 1)
     with torch.no_grad():
         lc, lu = model(cond), model(uncond)
-    g = guidance_table(sampling.cfg, sampling.guidance, spec.rows, spec.cols, spec.first_body)
+    g = guidance_table(sampling.cfg, sampling.guidance, job.rows, job.cols, job.first_body)
     logp = torch.zeros(m, dtype=torch.float64)
-    pc, pu = len(spec.cond_prefix), len(spec.uncond_prefix)
+    pc, pu = len(job.cond_prefix), len(job.uncond_prefix)
     for j in range(body.shape[1]):
-        t = spec.first_body + j
-        kind = position_kind(torch.tensor(t), spec.rows, spec.cols)
+        t = job.first_body + j
+        kind = position_kind(torch.tensor(t), job.rows, job.cols)
         if kind != CODE:
             continue
         probs = full_vocab_probs(lc[:, pc + j - 1], lu[:, pu + j - 1], float(g[j]), kind.expand(m), sampling.top_k,
-                                 sampling.temperature, NL, END_ID, OFFSET, spec.num_codes)
+                                 sampling.temperature, NL, END_ID, OFFSET, job.num_codes)
         logp += torch.log(probs.gather(1, body[:, j:j + 1])[:, 0].double())
     return grids, logp.exp()
 
@@ -85,16 +85,16 @@ def grid_index(codes, num_codes):
 def test_decoders_sample_the_exact_distribution(decoder):
     num_codes = 3
     model = tiny_model(num_codes)
-    spec = make_spec(2, 2, num_codes)
+    job = make_job(2, 2, num_codes)
     sampling = SamplingConfig(cfg=2.0, guidance="constant", top_k=2, temperature=0.8, seed=1000,
                               num_images=1500, sjd=decoder != "ar", sjd_window=4, sjd_coupled=decoder == "sjd_coupled")
-    grids, probs = exact_distribution(model, spec, sampling)
+    grids, probs = exact_distribution(model, job, sampling)
     assert abs(float(probs.sum()) - 1) < 1e-6
     if decoder == "ar":
-        codes, stats = decode_ar(model, spec, sampling, sampling.seeds)
+        codes, stats = decode_ar(model, job, sampling, sampling.seeds)
     else:
-        codes, stats = decode_sjd(model, spec, sampling, sampling.seeds)
-        assert stats["forward_passes"] < 1 + spec.generated_tokens  # it did speculate
+        codes, stats = decode_sjd(model, job, sampling, sampling.seeds)
+        assert stats["forward_passes"] < 1 + job.generated_tokens  # it did speculate
     counts = torch.bincount(grid_index(codes, num_codes), minlength=grids.shape[0])
     pvalue, df = chi_square_pvalue(counts, probs, sampling.num_images)
     assert df >= 10
@@ -105,10 +105,10 @@ def test_sjd_every_accepted_token_obeys_the_grammar_and_matches_the_target():
     num_codes = 5
     model = tiny_model(num_codes, scale=3.0)
     ref = torch.tensor([[0, 1, 2, 3], [4, 0, 1, 2], [3, 3, 3, 3], [1, 1, 1, 1]])
-    spec = make_spec(8, 4, num_codes, reference=ref)
+    job = make_job(8, 4, num_codes, reference=ref)
     sampling = SamplingConfig(cfg=5.0, top_k=3, sjd=True, sjd_window=5, seed=7, num_images=3)
     trace = []
-    codes, stats = decode_sjd(model, spec, sampling, sampling.seeds, trace=trace)
+    codes, stats = decode_sjd(model, job, sampling, sampling.seeds, trace=trace)
     assert codes.shape == (3, 8, 4) and torch.equal(codes[:, :4], ref.expand(3, -1, -1))
     assert int(codes.min()) >= 0 and int(codes.max()) < num_codes
     # Every finalized code is inside the top-k support of the target distribution at its position.
@@ -118,20 +118,20 @@ def test_sjd_every_accepted_token_obeys_the_grammar_and_matches_the_target():
         for i in range(3):
             for j in range(int(k[i]) + 1):
                 t = int(pos[i, j])
-                if t >= spec.body_len or position_kind(torch.tensor(t), spec.rows, spec.cols) != CODE:
+                if t >= job.body_len or position_kind(torch.tensor(t), job.rows, job.cols) != CODE:
                     continue
                 if j <= int(k[i]):  # positions finalized this step were judged against this p
                     assert p[i, j, body[i, t] - OFFSET] > 0, (t, i)
-    assert stats["steps"] < spec.generated_tokens
+    assert stats["steps"] < job.generated_tokens
 
 
 def test_sjd_same_seed_same_image_whatever_the_batch():
     model = tiny_model(6, scale=3.0)
-    spec = make_spec(4, 4, 6)
+    job = make_job(4, 4, 6)
     for coupled in (False, True):
         s3 = SamplingConfig(cfg=3.0, top_k=4, sjd=True, sjd_window=4, sjd_coupled=coupled, seed=20, num_images=3)
-        many = decode_sjd(model, spec, s3, s3.seeds)[0]
-        one = decode_sjd(model, spec, s3, [21])[0]
+        many = decode_sjd(model, job, s3, s3.seeds)[0]
+        one = decode_sjd(model, job, s3, [21])[0]
         assert torch.equal(many[1], one[0])
 
 

@@ -16,15 +16,14 @@ class SamplingConfig:
 
     `cfg` is the classifier-free guidance scale (1.0 disables CFG); `guidance` "official" applies
     the official schedule (reference section e.1), "constant" keeps `cfg` everywhere. `top_k`
-    limits image codes; `text_top_k` is kept for parity with the official settings but unused:
-    the image header (start, height, width) is written from the request, never sampled.
+    limits image codes (the image header, start, height and width, is written from the request,
+    never sampled, so no text top-k exists).
     Image i of a call uses seed `seed + i`.
     """
 
     cfg: float = 4.0
     guidance: str = "official"
     top_k: int = 4096
-    text_top_k: int = 10
     temperature: float = 1.0
     sjd: bool = False
     sjd_window: int = 16
@@ -38,10 +37,8 @@ class SamplingConfig:
             problems.append(f"cfg must be a number >= 1.0 (1.0 disables guidance), got {self.cfg!r}")
         if self.guidance not in GUIDANCE_MODES:
             problems.append(f"guidance must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}")
-        for name in ("top_k", "text_top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            problems.append(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             problems.append(f"temperature must be a number > 0, got {self.temperature!r}")
         if not isinstance(self.sjd_window, int) or isinstance(self.sjd_window, bool) or not 2 <= self.sjd_window <= 64:

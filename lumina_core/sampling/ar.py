@@ -8,12 +8,12 @@ import torch
 
 from ..model import LuminaTransformer
 from . import SamplingConfig
-from .batch import CFGBatch, DecodeSpec, Reporter, RowRandom, body_kinds, codes_from_body, forced_tokens, initial_body
+from .state import CFGBatch, DecodeJob, Reporter, RowRandom, body_kinds, codes_from_body, forced_tokens, initial_body
 from .logits import CODE, sample_inverse_cdf
 
 
 @torch.no_grad()
-def decode_ar(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingConfig, seeds: list[int],
+def decode_ar(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig, seeds: list[int],
               progress=None, should_cancel=None, step_fn: Optional[Callable] = None,
               trace: Optional[list] = None) -> tuple[torch.Tensor, dict]:
     """Sample one image per seed token by token; return (codes [N, rows, cols], stats).
@@ -24,31 +24,31 @@ def decode_ar(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingConf
     """
     started = time.perf_counter()
     n = len(seeds)
-    batch = CFGBatch(model, spec, sampling, n, window=1, step_fn=step_fn, bucket_kv=step_fn is not None)
+    batch = CFGBatch(model, job, sampling, n, window=1, step_fn=step_fn, bucket_kv=step_fn is not None)
     device = batch.device
     rng = RowRandom(seeds, device)
-    kinds = body_kinds(spec, device).tolist()
-    body = initial_body(spec, n, device)
-    reporter = Reporter(spec, progress, should_cancel)
+    kinds = body_kinds(job, device).tolist()
+    body = initial_body(job, n, device)
+    reporter = Reporter(job, progress, should_cancel)
     try:
-        hidden = batch.prefill(len(spec.cond_prefix))
-        for t in range(spec.first_body, spec.body_len):
+        hidden = batch.prefill(len(job.cond_prefix))
+        for t in range(job.first_body, job.body_len):
             if kinds[t] == CODE:
                 probs = batch.probs(hidden, torch.full((n, 1), t, device=device))[:, 0]
-                token = sample_inverse_cdf(probs, rng.uniform(1)[:, 0]) + spec.code_offset
+                token = sample_inverse_cdf(probs, rng.uniform(1)[:, 0]) + job.code_offset
                 if trace is not None:
                     trace.append((t, probs))
             else:
-                token = forced_tokens(torch.full((n,), kinds[t], device=device), spec, spec.image_end)
+                token = forced_tokens(torch.full((n,), kinds[t], device=device), job, job.image_end)
                 body[:, t] = token
                 reporter.update(body, t + 1)
             body[:, t] = token
-            if t + 1 < spec.body_len:
+            if t + 1 < job.body_len:
                 hidden = batch.step(token[:, None])
         reporter.finish(body)
     finally:
         batch.release()
-    steps = spec.generated_tokens
+    steps = job.generated_tokens
     stats = {"decoder": "ar", "forward_passes": batch.forward_passes, "steps": batch.forward_passes - 1,
              "tokens": steps, "seconds": time.perf_counter() - started, "cache_positions": batch.max_len}
-    return codes_from_body(body, spec), stats
+    return codes_from_body(body, job), stats

@@ -36,18 +36,21 @@ def position_kind(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.where(t == rows * (cols + 1), torch.full_like(t, END), kind)
 
 
-def guidance_table(cfg: float, mode: str, rows: int, cols: int, first: int = 0) -> torch.Tensor:
-    """Guidance value used at every body position first..end (float64 [body_length - first]).
+def guidance_table(cfg: float, mode: str, rows: int, cols: int, first: int = 0,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Guidance value used at every body position first..end (float32 [body_length - first] on `device`).
 
     "official": the in-place schedule of the official CFG processor (reference section e.1): the
     value starts at `cfg` and, at every step inside the image (forced positions included), becomes
     max(4.0, g * (1 - n / (4*hg*wg))) where n counts the tokens after the image start (H, W,
     reference and all body tokens so far) and hg, wg are grid counts (rows/4, cols/4). A value of
-    exactly 1.0 disables CFG and is never updated. "constant": `cfg` everywhere.
+    exactly 1.0 disables CFG and is never updated. "constant": `cfg` everywhere. The schedule runs in
+    Python floats (float64) and is rounded once to float32, the precision of the logits it scales;
+    built once per job on the device (no per-step copy; Apple MPS has no float64).
     """
     count = body_length(rows, cols) - first
     if mode == "constant" or cfg == 1.0:
-        return torch.full((count,), float(cfg), dtype=torch.float64)
+        return torch.full((count,), float(cfg), dtype=torch.float32, device=device)
     if mode != "official":
         raise ValueError(f"unknown guidance {mode!r}; allowed: 'official', 'constant'")
     denominator = 4 * (rows / 4) * (cols / 4)
@@ -57,7 +60,7 @@ def guidance_table(cfg: float, mode: str, rows: int, cols: int, first: int = 0) 
         n = t + 2  # tokens after the image start when predicting body position t: H, W and t body tokens
         g = max(OFFICIAL_GUIDANCE_FLOOR, g * (1.0 - n / denominator))
         out.append(g)
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float32, device=device)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

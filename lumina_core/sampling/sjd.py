@@ -35,7 +35,7 @@ import torch
 
 from ..model import LuminaTransformer
 from . import SamplingConfig
-from .batch import CFGBatch, DecodeSpec, Reporter, RowRandom, codes_from_body, forced_tokens, initial_body
+from .state import CFGBatch, DecodeJob, Reporter, RowRandom, codes_from_body, forced_tokens, initial_body
 from .logits import CODE, position_kind, sample_inverse_cdf
 
 BEYOND = 3  # body positions after the image end (window padding; never accepted)
@@ -66,7 +66,7 @@ def _gumbel_argmax(log_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingConfig, seeds: list[int],
+def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig, seeds: list[int],
                progress=None, should_cancel=None, window: Optional[int] = None, coupled: Optional[bool] = None,
                step_fn: Optional[Callable] = None, trace: Optional[list] = None) -> tuple[torch.Tensor, dict]:
     """Sample one image per seed with speculative Jacobi decoding; return (codes [N, rows, cols], stats).
@@ -76,19 +76,19 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
     started = time.perf_counter()
     w = sampling.sjd_window if window is None else window
     coupled = sampling.sjd_coupled if coupled is None else coupled
-    n, num_codes, total = len(seeds), spec.num_codes, spec.body_len
-    batch = CFGBatch(model, spec, sampling, n, window=w, step_fn=step_fn, bucket_kv=step_fn is not None)
+    n, num_codes, total = len(seeds), job.num_codes, job.body_len
+    batch = CFGBatch(model, job, sampling, n, window=w, step_fn=step_fn, bucket_kv=step_fn is not None)
     device = batch.device
     rng = RowRandom(seeds, device)
     seed_t = torch.tensor(seeds, dtype=torch.long, device=device)
     rows_idx = torch.arange(n, device=device)
     ar = torch.arange(w, device=device)
     uniform_q = torch.full((num_codes,), 1.0 / num_codes, device=device)
-    body = initial_body(spec, n, device, extra=w + 1)
-    reporter = Reporter(spec, progress, should_cancel)
+    body = initial_body(job, n, device, extra=w + 1)
+    reporter = Reporter(job, progress, should_cancel)
 
     def kinds_at(pos: torch.Tensor) -> torch.Tensor:
-        return torch.where(pos >= total, torch.full_like(pos, BEYOND), position_kind(pos, spec.rows, spec.cols))
+        return torch.where(pos >= total, torch.full_like(pos, BEYOND), position_kind(pos, job.rows, job.cols))
 
     def random_drafts(pos: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Fresh drafts at body positions pos [N, m]: uniform codes (forced tokens where the grammar fixes them)."""
@@ -96,19 +96,19 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
             codes = hash_uniform(seed_t, pos, num_codes).argmax(-1)  # argmax of i.i.d. noise = uniform draw
         else:
             codes = (u * num_codes).long().clamp_(max=num_codes - 1)
-        return _with_forced(codes + spec.code_offset, kinds_at(pos))
+        return _with_forced(codes + job.code_offset, kinds_at(pos))
 
     def _with_forced(tokens: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-        forced = forced_tokens(kinds, spec, spec.image_end)
+        forced = forced_tokens(kinds, job, job.image_end)
         return torch.where(kinds == CODE, tokens, forced)
 
     steps = 0
     accepted_hist = torch.zeros(w, dtype=torch.long)
     try:
-        batch.prefill(len(spec.cond_prefix) - 1)
-        last = torch.full((n,), spec.cond_prefix[-1], dtype=torch.long, device=device)
-        done_count = torch.full((n,), spec.first_body, dtype=torch.long, device=device)   # finalized body tokens
-        host_done = [spec.first_body] * n
+        batch.prefill(len(job.cond_prefix) - 1)
+        last = torch.full((n,), job.cond_prefix[-1], dtype=torch.long, device=device)
+        done_count = torch.full((n,), job.first_body, dtype=torch.long, device=device)   # finalized body tokens
+        host_done = [job.first_body] * n
         draft_pos = done_count[:, None] + ar[: w - 1]
         drafts = random_drafts(draft_pos, rng.uniform(w - 1))
         q = uniform_q.expand(n, w - 1, num_codes).clone()
@@ -123,7 +123,7 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
 
             # Verify draft j (body position done+j, input j+1) against p at output j.
             d_kind = kinds_at(pos[:, : w - 1])
-            d_code = (drafts - spec.code_offset).clamp(0, num_codes - 1)[..., None]
+            d_code = (drafts - job.code_offset).clamp(0, num_codes - 1)[..., None]
             p_d = p[:, : w - 1].gather(-1, d_code)[..., 0]
             q_d = q.gather(-1, d_code)[..., 0].clamp_min(1e-30)
             accept = torch.where(d_kind == CODE, u_accept < p_d / q_d, d_kind != BEYOND)
@@ -136,7 +136,7 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
             use_residual = (k < w - 1) & (residual.sum(-1) > RESIDUAL_EPS)
             dist = torch.where(use_residual[:, None], residual, p_k)
             new_pos = done_count + k
-            new_tok = _with_forced(sample_inverse_cdf(dist, u_resid) + spec.code_offset, kinds_at(new_pos))
+            new_tok = _with_forced(sample_inverse_cdf(dist, u_resid) + job.code_offset, kinds_at(new_pos))
 
             # Commit into the body buffer (finished images keep theirs).
             slots = done_count[:, None] + ar[: w - 1]
@@ -156,7 +156,7 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
             src = next_pos - done_count[:, None]                          # output index that sampled that position
             from_step = src <= w - 1
             src_c = src.clamp(max=w - 1)
-            carried = samples.gather(1, src_c) + spec.code_offset
+            carried = samples.gather(1, src_c) + job.code_offset
             fresh = random_drafts(next_pos, u_fresh)
             next_drafts = torch.where(from_step, _with_forced(carried, kinds_at(next_pos)), fresh)
             q_carried = p.gather(1, src_c[..., None].expand(-1, -1, num_codes))
@@ -177,9 +177,9 @@ def decode_sjd(model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingCon
         reporter.finish(body)
     finally:
         batch.release()
-    generated = spec.generated_tokens
+    generated = job.generated_tokens
     stats = {"decoder": "sjd_coupled" if coupled else "sjd", "forward_passes": batch.forward_passes, "steps": steps,
              "tokens": generated, "tokens_per_step": generated / max(steps, 1), "window": w,
              "accepted_drafts_histogram": accepted_hist.tolist(), "seconds": time.perf_counter() - started,
              "cache_positions": batch.max_len}
-    return codes_from_body(body[:, :total], spec), stats
+    return codes_from_body(body[:, :total], job), stats

@@ -1,4 +1,4 @@
-"""What both decoders share: the decode spec, the batched-CFG forward over a static KV cache,
+"""What both decoders share: the decode job, the batched-CFG forward over a static KV cache,
 per-image random streams, and progress/cancel reporting."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ KV_BUCKET = 256
 
 
 @dataclass(frozen=True)
-class DecodeSpec:
+class DecodeJob:
     """One image-generation job in token terms (built by the pipeline from a Request and a TokenLayout).
 
     `cond_prefix` = BOS, prompt, separator, image start, H, W (+ the reference rows for I2I);
@@ -53,6 +53,11 @@ class DecodeSpec:
         return body_length(self.rows, self.cols)
 
     @property
+    def prompt_tokens(self) -> int:
+        """Text tokens before the image header (BOS, prompt, separator): what only the conditional prefix has."""
+        return len(self.cond_prefix) - len(self.uncond_prefix)
+
+    @property
     def generated_tokens(self) -> int:
         """Body tokens the sampler produces."""
         return self.body_len - self.first_body
@@ -66,9 +71,9 @@ def image_head_weight(model: LuminaTransformer, offset: int, count: int) -> Opti
     return None
 
 
-def cache_length(spec: DecodeSpec, window: int) -> int:
+def cache_length(job: DecodeJob, window: int) -> int:
     """Positions the KV cache needs: the conditional prefix, every generated token and one window of slack."""
-    return len(spec.cond_prefix) + spec.generated_tokens + window + 1
+    return len(job.cond_prefix) + job.generated_tokens + window + 1
 
 
 class CFGBatch:
@@ -80,29 +85,29 @@ class CFGBatch:
     Every image keeps one write pointer (its two rows move together).
     """
 
-    def __init__(self, model: LuminaTransformer, spec: DecodeSpec, sampling: SamplingConfig, num_images: int,
+    def __init__(self, model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig, num_images: int,
                  window: int, step_fn: Optional[Callable] = None, bucket_kv: bool = False) -> None:
-        self.model, self.spec, self.sampling = model, spec, sampling
+        self.model, self.job, self.sampling = model, job, sampling
         self.n = num_images
         self.use_cfg = sampling.cfg != 1.0
         self.device = next(model.parameters()).device
         dtype = model.model.embed_tokens.weight.dtype
         rows = 2 * num_images if self.use_cfg else num_images
-        self.prefix_len = len(spec.cond_prefix)
-        self.max_len = cache_length(spec, window)
+        self.prefix_len = len(job.cond_prefix)
+        self.max_len = cache_length(job, window)
         self.cache = KVCache(model.config, rows, self.max_len, dtype=dtype, device=self.device)
-        pad = self.prefix_len - len(spec.uncond_prefix)
+        pad = self.prefix_len - len(job.uncond_prefix)
         if pad < 0:
             raise ValueError("the unconditional prefix must not be longer than the conditional one")
         offsets = [0] * num_images + ([pad] * num_images if self.use_cfg else [])
         self.position_offset = torch.tensor(offsets, dtype=torch.long, device=self.device)
         self.pad = pad
-        self.head_weight = image_head_weight(model, spec.code_offset, spec.num_codes)
+        self.head_weight = image_head_weight(model, job.code_offset, job.num_codes)
         self.step_fn = step_fn or model.hidden_states
         self.bucket_kv = bucket_kv
         self.host_pointer = [0] * num_images  # cache pointer per image, known on the host
         self.forward_passes = 0
-        self.guidance = guidance_table(sampling.cfg, sampling.guidance, spec.rows, spec.cols, spec.first_body)
+        self.guidance = guidance_table(sampling.cfg, sampling.guidance, job.rows, job.cols, job.first_body, self.device)
 
     # --- model calls ------------------------------------------------------------------------
     def _kv_len(self, n: int) -> int:
@@ -115,12 +120,12 @@ class CFGBatch:
 
     def prefill(self, count: int) -> torch.Tensor:
         """Run the first `count` prefix tokens of every row; return final hidden states of the last one [rows, H]."""
-        cond = torch.tensor(self.spec.cond_prefix[:count], dtype=torch.long, device=self.device)
+        cond = torch.tensor(self.job.cond_prefix[:count], dtype=torch.long, device=self.device)
         ids = [cond.expand(self.n, -1)]
         valid = [torch.ones(self.n, count, dtype=torch.bool, device=self.device)]
         if self.use_cfg:
             uncond = torch.zeros(count, dtype=torch.long, device=self.device)
-            real = torch.tensor(self.spec.uncond_prefix[:max(0, count - self.pad)], dtype=torch.long, device=self.device)
+            real = torch.tensor(self.job.uncond_prefix[:max(0, count - self.pad)], dtype=torch.long, device=self.device)
             uncond[count - real.numel():] = real
             ids.append(uncond.expand(self.n, -1))
             uv = torch.zeros(count, dtype=torch.bool, device=self.device)
@@ -154,7 +159,7 @@ class CFGBatch:
         if self.head_weight is not None:
             logits = F.linear(hidden, self.head_weight).float()
         else:
-            logits = self.model.lm_head(hidden).float()[..., self.spec.code_offset:self.spec.code_offset + self.spec.num_codes]
+            logits = self.model.lm_head(hidden).float()[..., self.job.code_offset:self.job.code_offset + self.job.num_codes]
         if self.use_cfg:
             return logits[: self.n], logits[self.n:]
         return logits, None
@@ -162,8 +167,8 @@ class CFGBatch:
     def probs(self, hidden: torch.Tensor, body_pos: torch.Tensor) -> torch.Tensor:
         """The target distribution [N, n, C] at body positions body_pos [N, n] (via `image_probs`)."""
         cond, uncond = self.image_logits(hidden)
-        index = (body_pos - self.spec.first_body).clamp(0, self.guidance.numel() - 1)
-        scale = self.guidance.to(self.device)[index].float() if self.use_cfg else None
+        index = (body_pos - self.job.first_body).clamp(0, self.guidance.numel() - 1)
+        scale = self.guidance[index] if self.use_cfg else None
         return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
 
     def release(self) -> None:
@@ -186,32 +191,32 @@ class RowRandom:
         return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators])
 
 
-def forced_tokens(kind: torch.Tensor, spec: DecodeSpec, fill: int) -> torch.Tensor:
+def forced_tokens(kind: torch.Tensor, job: DecodeJob, fill: int) -> torch.Tensor:
     """Token ids for forced kinds (new line / end); `fill` elsewhere."""
     out = torch.full_like(kind, fill)
-    out = torch.where(kind == NEW_LINE, torch.full_like(kind, spec.new_line), out)
-    return torch.where(kind == END, torch.full_like(kind, spec.image_end), out)
+    out = torch.where(kind == NEW_LINE, torch.full_like(kind, job.new_line), out)
+    return torch.where(kind == END, torch.full_like(kind, job.image_end), out)
 
 
-def body_kinds(spec: DecodeSpec, device: torch.device) -> torch.Tensor:
+def body_kinds(job: DecodeJob, device: torch.device) -> torch.Tensor:
     """Kind of every body position [body_len]."""
-    return position_kind(torch.arange(spec.body_len, device=device), spec.rows, spec.cols)
+    return position_kind(torch.arange(job.body_len, device=device), job.rows, job.cols)
 
 
-def codes_from_body(body: torch.Tensor, spec: DecodeSpec, rows_done: Optional[int] = None) -> torch.Tensor:
+def codes_from_body(body: torch.Tensor, job: DecodeJob, rows_done: Optional[int] = None) -> torch.Tensor:
     """Code grids [N, rows_done, cols] from body tokens [N, >= rows_done*(cols+1)]."""
-    rows = spec.rows if rows_done is None else rows_done
-    grid = body[:, : rows * (spec.cols + 1)].reshape(body.shape[0], rows, spec.cols + 1)[..., : spec.cols]
-    return grid - spec.code_offset
+    rows = job.rows if rows_done is None else rows_done
+    grid = body[:, : rows * (job.cols + 1)].reshape(body.shape[0], rows, job.cols + 1)[..., : job.cols]
+    return grid - job.code_offset
 
 
-def initial_body(spec: DecodeSpec, num_images: int, device: torch.device, extra: int = 0) -> torch.Tensor:
+def initial_body(job: DecodeJob, num_images: int, device: torch.device, extra: int = 0) -> torch.Tensor:
     """Body token buffer [N, body_len + extra] with the reference rows (if any) filled in."""
-    body = torch.full((num_images, spec.body_len + extra), spec.image_end, dtype=torch.long, device=device)
-    if spec.first_row:
-        ref = spec.reference_codes.to(device=device, dtype=torch.long) + spec.code_offset
-        rows = torch.cat([ref, torch.full((spec.first_row, 1), spec.new_line, dtype=torch.long, device=device)], 1)
-        body[:, : spec.first_body] = rows.reshape(-1)
+    body = torch.full((num_images, job.body_len + extra), job.image_end, dtype=torch.long, device=device)
+    if job.first_row:
+        ref = job.reference_codes.to(device=device, dtype=torch.long) + job.code_offset
+        rows = torch.cat([ref, torch.full((job.first_row, 1), job.new_line, dtype=torch.long, device=device)], 1)
+        body[:, : job.first_body] = rows.reshape(-1)
     return body
 
 
@@ -219,29 +224,29 @@ def initial_body(spec: DecodeSpec, num_images: int, device: torch.device, extra:
 class Reporter:
     """Calls progress(done, total, partial_codes) once per completed image row and checks cancel there."""
 
-    spec: DecodeSpec
+    job: DecodeJob
     progress: Optional[ProgressFn] = None
     should_cancel: Optional[CancelFn] = None
     rows_reported: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        self.rows_reported = self.spec.first_row
+        self.rows_reported = self.job.first_row
 
     def update(self, body: torch.Tensor, done_min: int) -> None:
         """Check cancel and report for every row completed by all images (done_min: finalized body tokens of the slowest)."""
-        rows_done = min(self.spec.rows, done_min // (self.spec.cols + 1))
+        rows_done = min(self.job.rows, done_min // (self.job.cols + 1))
         while self.rows_reported < rows_done:
             self.rows_reported += 1
-            self._emit(body, min(done_min, self.spec.body_len))
+            self._emit(body, min(done_min, self.job.body_len))
 
     def finish(self, body: torch.Tensor) -> None:
         """Final report: every token done."""
-        self._emit(body, self.spec.body_len)
+        self._emit(body, self.job.body_len)
 
     def _emit(self, body: torch.Tensor, done: int) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise GenerationCancelled("generation cancelled by the caller")
         if self.progress is not None:
-            partial = codes_from_body(body, self.spec, self.rows_reported).cpu()
-            self.progress(done - self.spec.first_body, self.spec.generated_tokens, partial)
+            partial = codes_from_body(body, self.job, self.rows_reported).cpu()
+            self.progress(done - self.job.first_body, self.job.generated_tokens, partial)
