@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from PIL import Image
 
+from . import dist
+from .dist import RankInfo
 from .errors import InputError
 from .fileio import atomic_path, atomic_write_text
 from .request import Request
@@ -442,69 +444,9 @@ def is_done(record: Optional[Mapping[str, Any]], fingerprint: str, out_dir: Path
             and all((out_dir / rel).is_file() for rel in record.get("files", ())))
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed setup
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RankInfo:
-    """Where this process sits: global rank, world size, rank on its node, and whether a group is up."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    distributed: bool = False
-
-
-def init_distributed() -> RankInfo:
-    """Join the process group torchrun describes in the environment; a plain process is rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size <= 1:
-        return RankInfo(rank, 1, local_rank, False)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # gloo even on GPUs: the only collectives are barriers and one small object gather, which gloo
-        # does over TCP without binding ranks to CUDA devices. The default timeout (30 min) bounds the
-        # rendezvous; only the barrier after the last items waits longer (see _barrier).
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
-    return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
-
-
-def rank_device(info: RankInfo) -> str:
-    """This rank's device: its local GPU when CUDA is present, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
-    return "cpu"
-
-
 # Ranks finish their shares at different times; the slowest may run hours after the fastest
 # (torchrun tears the job down if a rank dies, so this wait does not outlive a crash).
 FINISH_TIMEOUT = datetime.timedelta(hours=72)
-
-
-def _barrier(info: RankInfo, timeout: Optional[datetime.timedelta] = None) -> None:
-    if info.distributed:
-        import torch.distributed as dist
-
-        if timeout is None:
-            dist.barrier()
-        else:
-            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
-
-
-def _gather(info: RankInfo, value: Any) -> list[Any]:
-    if not info.distributed:
-        return [value]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +643,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
         from .sampling import SamplingConfig
 
         options = dataclasses.replace(options, sampling=SamplingConfig())
-    info = info or init_distributed()
+    info = info or dist.init(timeout=FINISH_TIMEOUT)
     started = time.perf_counter()
     out = Path(out_dir)
     items, bad = parse_prompt_file(prompts, options.defaults, options.layout)
@@ -711,7 +653,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
     existing = read_manifest(out)
     pending = [item for item in items if not is_done(existing.get(item.key), item.fingerprint(settings), out)]
     # Nobody writes before everybody has read: all ranks then hold the same pending list.
-    _barrier(info)
+    dist.barrier(info)
     mine = shard(pending, info.rank, info.world_size)
 
     own_path = rank_manifest_path(out, info.rank)
@@ -721,7 +663,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
     seconds = 0.0
     failures: list[dict] = []
     if mine:
-        pipeline = load_pipeline(rank_device(info))
+        pipeline = load_pipeline(str(info.device))
         progress = RankProgress(len(mine), info, options.progress)
         try:
             for item in mine:
@@ -752,8 +694,8 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
 
     mine_summary = {"generated": generated, "images": images_done, "seconds": seconds, "failures": failures,
                     "wall": time.perf_counter() - started}
-    _barrier(info, FINISH_TIMEOUT)
-    gathered = _gather(info, mine_summary)
+    dist.barrier(info)
+    gathered = dist.gather(info, mine_summary)
     summary = BatchSummary(items=len(items), bad_lines=bad, skipped_done=len(items) - len(pending),
                            world_size=info.world_size, out_dir=str(out))
     for part in gathered:
@@ -767,7 +709,7 @@ def run_batch(prompts: str | os.PathLike, out_dir: str | os.PathLike,
         merge_manifests(out, options.layout)
         atomic_write_text(out / SUMMARY, json.dumps(summary.to_dict(), indent=2))
     # Every rank returns once the merged manifest exists, and no rank tears the group down under rank 0.
-    _barrier(info)
+    dist.barrier(info)
     return summary
 
 
@@ -791,13 +733,6 @@ def add_batch_arguments(parser: Any) -> None:
     parser.add_argument("--think-model", default="gpt-4o", help="LLM for --think")
     parser.add_argument("--think-base-url", default="", help="OpenAI-compatible endpoint for --think")
     parser.add_argument("--no-progress", action="store_true", help="no per-rank progress bars")
-
-
-def _device_for(requested: Optional[str], info: RankInfo) -> str:
-    """--device as given, except that under several ranks 'cuda' (or nothing) means this rank's GPU."""
-    if requested in (None, "cuda"):
-        return rank_device(info) if requested is None or info.world_size > 1 else "cuda"
-    return requested
 
 
 def batch_command(args: Any) -> BatchSummary:
@@ -829,13 +764,12 @@ def batch_command(args: Any) -> BatchSummary:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype] if args.dtype else None
     settings = {"model": str(args.model), "dtype": args.dtype, "quant": args.quant,
                 "verifiers": list(args.verifier or []) if args.best_of > 1 else []}
-    info = init_distributed()
+    info = dist.init(args.device, timeout=FINISH_TIMEOUT)
     scorer_box: dict[str, Scorer] = {}
 
-    def load_pipeline(rank_default: str) -> Any:
+    def load_pipeline(device: str) -> Any:
         from .pipeline import LuminaPipeline
 
-        device = _device_for(args.device, info)  # rank_default unless --device names something else
         if args.best_of > 1:
             scorer_box["scorer"] = verifier_scorer(args.verifier, device=device, auto_download=args.download)
         return LuminaPipeline.from_pretrained(args.model, dtype=dtype, device=device, quant=args.quant,
@@ -849,13 +783,11 @@ def batch_command(args: Any) -> BatchSummary:
     options = BatchOptions(layout=args.layout, defaults=defaults, sampling=sampling, settings=settings, think=think,
                            best_of=args.best_of, scorer=scorer if args.best_of > 1 else None,
                            progress=not args.no_progress)
+    summary = None
     try:
         summary = run_batch(args.prompts, args.output, load_pipeline, options, info)
     finally:
-        if info.distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        dist.shutdown(clean=summary is not None)
     if info.rank == 0:
         print(summary.text())
     return summary
