@@ -7,7 +7,7 @@ import importlib
 _PUBLIC = {
     "ModelConfig": "config",
     "build_transformer": "model",
-    "load_transformer": "model",
+    "load_transformer": "weights",
     "KVCache": "model",
     "load_movqgan": "movqgan",
     "save_movqgan": "movqgan",

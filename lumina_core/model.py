@@ -1,20 +1,13 @@
 """The Lumina-mGPT 2.0 decoder (Chameleon-style, official parameter names) and its static KV cache."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-
-# Keys the official training code may leave in a checkpoint that inference never uses
-# (Chameleon's own VQ encoder; deleted before the release was saved).
-IGNORED_CHECKPOINT_PREFIXES = ("model.vqmodel.",)
-
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back to the input dtype before the weight (as the official code)."""
@@ -261,82 +254,6 @@ def build_transformer(config: ModelConfig) -> LuminaTransformer:
     if next(model.parameters()).device.type != "meta":
         init_weights(model)
     return model
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of an official checkpoint folder (single file or shards named by the index)."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index.name} in {folder} names shards that are not there: {', '.join(missing)}")
-        return files
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(
-        f"no weights in {folder}: expected model.safetensors, or model-0000N-of-0000M.safetensors shards "
-        "with model.safetensors.index.json (the layout of Alpha-VLLM/Lumina-mGPT-2.0)")
-
-
-def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-                     device: torch.device | str = "cpu") -> LuminaTransformer:
-    """Load an official HF-format checkpoint folder (or a known repo id) strictly, straight onto `device`."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(path)
-    if not folder.is_dir():
-        from .hub import resolve_model  # names like "Alpha-VLLM/Lumina-mGPT-2.0" or a models-folder entry
-        folder = Path(resolve_model(str(path)))
-    config = ModelConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = build_transformer(config)
-    expected = dict(model.state_dict())
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    for file in checkpoint_files(folder):
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read {file}: {e} (the file is truncated or not a safetensors file)") from e
-        with handle:
-            for name in handle.keys():
-                if name.startswith(IGNORED_CHECKPOINT_PREFIXES):
-                    continue
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                tensor = handle.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    raise ValueError(f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                     f"config.json implies {tuple(expected[name].shape)}")
-                # One tensor at a time: from the mmap'd file to its final device and dtype.
-                _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
-                loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint in {folder} does not match its config.json: "
-            f"{len(missing)} missing keys {_preview(missing)}, {len(unexpected)} unexpected keys {_preview(unexpected)}")
-    return model.eval()
-
-
-def _preview(names: list[str], limit: int = 6) -> str:
-    if not names:
-        return "[]"
-    shown = ", ".join(names[:limit])
-    return f"[{shown}{', ...' if len(names) > limit else ''}]"
-
-
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,13 +8,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .model import LuminaTransformer, load_transformer
+from .model import LuminaTransformer
 from .request import Request, RequestError
 from .sampling import SamplingConfig
 from .sampling.ar import decode_ar
 from .sampling.state import DecodeJob
 from .sampling.sjd import decode_sjd
 from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_text_tokenizer, prompt_ids
+from .weights import load_transformer
 
 
 @dataclass
@@ -78,21 +79,20 @@ class LuminaPipeline:
         """
         from .hub import resolve_model
         from .movqgan import load_movqgan
-        from .quant import check_quant, quantize_module
+        from .quant import check_quant
         from .sampling.step import CUDAGraphStep, compile_step
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         check_quant(quant, device, dtype)
         folder = Path(resolve_model(name_or_path, search_dirs=search_dirs, auto_download=auto_download))
-        transformer = load_transformer(folder, dtype=dtype, device=device)
+        # Quantized layer by layer as the weights stream in: the unquantized model never exists whole.
+        transformer = load_transformer(folder, dtype=dtype, device=device, quant=quant)
         tokenizer = load_text_tokenizer(folder)
         vocabulary_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocabulary_map")
         layout = TokenLayout.from_tokenizer(tokenizer, vocabulary_map)
         ckpt = Path(movqgan_path) if movqgan_path else find_movqgan(folder, auto_download)
         movqgan = load_movqgan(ckpt, device=device)
-        if quant:
-            quantize_module(transformer, quant)
         step_fn = compile_step(transformer) if compile else None
         if cuda_graphs and device.type == "cuda":
             step_fn = CUDAGraphStep(step_fn or transformer.hidden_states)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lumina_core.model import build_transformer, load_transformer
+from lumina_core.model import build_transformer
+from lumina_core.weights import load_transformer
 from lumina_core.testing.checkpoints import TINY_MOVQGAN_FILE, write_tiny_checkpoint
 from lumina_core.testing.grammar import codes_from_ids
 from lumina_core.tokens import TokenLayout, load_text_tokenizer

@@ -5,31 +5,15 @@ of the released weights, without 17 GB of downloads: this writes one with random
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-from ..fileio import atomic_path, atomic_write_text
 from ..model import build_transformer
+from ..weights import save_transformer
 
 TINY_MOVQGAN_FILE = "movqgan.ckpt"
-
-
-def save_transformer(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write config.json and a single model.safetensors (official layout) atomically into `folder`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    config = model.config.to_hf_dict()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
-    return folder
 
 
 def write_tiny_checkpoint(folder: str | Path, *, words: str | list[str] = (), num_image_codes: int = 64,

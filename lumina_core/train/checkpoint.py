@@ -93,16 +93,9 @@ def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], inf
 
 def read_official_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an official checkpoint folder (single file or shards), float32, vqmodel keys dropped."""
-    from safetensors.torch import load_file
+    from ..weights import read_state_dict
 
-    from ..model import IGNORED_CHECKPOINT_PREFIXES, checkpoint_files
-
-    state: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(Path(folder)):
-        for name, tensor in load_file(str(file)).items():
-            if not name.startswith(IGNORED_CHECKPOINT_PREFIXES):
-                state[name] = tensor.float()
-    return state
+    return read_state_dict(folder, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +186,8 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
     With `movqgan`, that .ckpt is copied in too, so the folder alone is enough for the Loader node.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
+    from ..weights import write_weights
     from .data import TOKENIZER_FILES
 
     checkpoint = Path(checkpoint)
@@ -210,36 +203,6 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
 
-    with safe_open(str(checkpoint / MODEL_FILE), framework="pt", device="cpu") as handle:
-        names = list(handle.keys())
-        element = torch.empty((), dtype=dtype).element_size()
-        # Group tensors into shards in a stable order (embeddings, layers by index, norm, lm_head).
-        names.sort(key=_official_order)
-        shards: list[list[str]] = [[]]
-        size = 0
-        for name in names:
-            nbytes = handle.get_slice(name).get_shape()
-            nbytes = int(np.prod(nbytes)) * element
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        total = len(shards)
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        for i, shard in enumerate(shards, start=1):
-            file_name = f"model-{i:05d}-of-{total:05d}.safetensors"
-            tensors = {n: handle.get_tensor(n).to(dtype).contiguous() for n in shard}
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            with atomic_path(out / file_name) as tmp:
-                save_file(tensors, str(tmp), metadata={"format": "pt"})
-            weight_map.update({n: file_name for n in shard})
-    for stale in out.glob("model*.safetensors"):
-        if stale.name not in set(weight_map.values()):
-            stale.unlink()
-    atomic_write_text(out / "model.safetensors.index.json",
-                       json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else (
         Path(state["tokenizer_dir"]) if state.get("tokenizer_dir") else None)
     if tok is None or not (tok / "tokenizer.json").is_file():
@@ -253,7 +216,11 @@ def export_official(checkpoint: str | Path, out_folder: str | Path, tokenizer_di
             raise FileNotFoundError(f"MoVQGAN checkpoint not found: {movqgan}")
         with atomic_path(out / movqgan.name) as tmp:
             shutil.copyfile(movqgan, tmp)
-    atomic_write_text(out / "config.json", json.dumps(_official_config(config, state, tok, dtype), indent=2))
+    with safe_open(str(checkpoint / MODEL_FILE), framework="pt", device="cpu") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+        # config.json is written last: a folder with it is complete.
+        write_weights(out, shapes, handle.get_tensor, _official_config(config, state, tok, dtype), dtype=dtype,
+                      max_shard_bytes=max_shard_bytes)
     return out
 
 
@@ -275,13 +242,3 @@ def _official_config(config: ModelConfig, state: dict[str, Any], tokenizer_dir: 
         vocab = load_text_tokenizer(tokenizer_dir).get_vocab()
         base["vocabulary_map"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     return base
-
-
-def _official_order(name: str) -> tuple[int, int, str]:
-    if name.startswith("model.embed_tokens."):
-        return (0, 0, name)
-    if name.startswith("model.layers."):
-        return (1, int(name.split(".")[2]), name)
-    if name.startswith("model.norm."):
-        return (2, 0, name)
-    return (3, 0, name)
