@@ -25,6 +25,21 @@ from .errors import InputError
 
 T = TypeVar("T")
 
+# The one map of dtype names a command line accepts (short form -> torch's name).
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: Optional[str]) -> Any:
+    """The torch dtype of a ``DTYPES`` name (short or torch's own), or None for None (the loader decides)."""
+    if name is None:
+        return None
+    import torch
+
+    full = DTYPES.get(name, name)
+    if full not in DTYPES.values():
+        raise InputError(f"unknown dtype {name!r}; allowed: {sorted(DTYPES)} (or {sorted(DTYPES.values())})")
+    return getattr(torch, full)
+
 
 def _fields(cls: type, only: Optional[Iterable[str]], exclude: Iterable[str]) -> list[dataclasses.Field]:
     fields = [f for f in dataclasses.fields(cls) if f.init]

@@ -237,3 +237,55 @@ def resolve_movqgan(name_or_path: str | os.PathLike = MOVQGAN_FILE, *, search_di
     except Exception as exc:
         raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, f"download failed: {exc}", target,
                          "Check the network, or copy the file by hand.") from exc
+
+
+# Files of a verifier's Hugging Face repository: configs, tokenizers, safetensors weights (pickled
+# *.bin / *.pth weights are never fetched for transformers models).
+VERIFIER_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+def resolve_weights(spec: str, *, search_dirs: Sequence[str | os.PathLike] = (), auto_download: bool = False,
+                    file: bool = False, allow_patterns: Sequence[str] = VERIFIER_FILE_PATTERNS,
+                    what: str = "verifier model") -> Path:
+    """The local path of other weights (verifier models): the models' search rules for a folder or one file.
+
+    ``spec`` is a local path, an ``owner/name`` repo (a folder) or, with ``file=True``, an
+    ``owner/repo/path/in/repo`` file. Looked up as ``<search_dir>/<name>`` (``<search_dir>/<file name>``),
+    then in the Hugging Face cache; downloaded (when allowed) into ``search_dirs[0]``, else the cache.
+    """
+    dirs = [Path(d) for d in search_dirs]
+    path = Path(spec).expanduser()
+    if path.is_file() if file else path.is_dir():
+        return path
+    parts = spec.split("/")
+    repo = "/".join(parts[:2])
+    inner = "/".join(parts[2:])
+    if not is_repo_id(repo) or (file and not inner) or (not file and inner):
+        form = "a file or 'owner/repo/file'" if file else "a folder or an 'owner/name' repo id"
+        raise ModelNotFoundError(f"{what} not found: {spec!r} (give {form})")
+    searched = [d / Path(inner).name for d in dirs] if file else _candidate_dirs(repo, dirs)
+    for candidate in searched:
+        if candidate.is_file() if file else candidate.is_dir():
+            return candidate
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    def fetch(**where: Any) -> Path:
+        if file:
+            return Path(hf_hub_download(repo, inner, **where))
+        return Path(snapshot_download(repo, allow_patterns=list(allow_patterns), **where))
+
+    try:  # a copy already in the Hugging Face cache
+        return fetch(local_files_only=True)
+    except Exception:  # not cached
+        pass
+    target = (dirs[0] if file else dirs[0] / _folder_name(repo)) if dirs else None
+    files = inner or ", ".join(allow_patterns)
+    hint = f"Or enable auto-download (--download, auto_download) to fetch it from https://huggingface.co/{repo}."
+    _refuse_download_if_off(what, spec, searched, files, target, hint, auto_download,
+                            by_hand=f"run `huggingface-cli download {repo}{' ' + inner if inner else ''}`")
+    logger.info("downloading %s to %s", spec, target or "the Hugging Face cache")
+    try:
+        return fetch(local_dir=str(target) if target else None)
+    except Exception as exc:
+        raise _not_found(what, spec, searched, files, f"download failed: {exc}", target,
+                         "Check the network and the repo id, or copy the files by hand.") from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lumina_core.batch import (BatchItem, ItemDefaults, PromptFileError, grid_image, is_done, layout_paths,
+from lumina_core.batchgen import (BatchItem, ItemDefaults, PromptFileError, grid_image, is_done, layout_paths,
                                merge_manifests, pairs_index_records, parse_prompt_file, rank_manifest_path,
                                read_manifest, shard, write_item_outputs, write_jsonl_atomic)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lumina_core.batch import read_jsonl_records
+from lumina_core.batchgen import read_jsonl_records
 from lumina_core.testing.checkpoints import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

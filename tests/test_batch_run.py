@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lumina_core.batch import BatchOptions, ItemDefaults, RankInfo, read_jsonl_records, run_batch
+from lumina_core.batchgen import BatchOptions, ItemDefaults, RankInfo, read_jsonl_records, run_batch
 from lumina_core.sampling import SamplingConfig
 from lumina_core.testing.checkpoints import write_tiny_checkpoint
+from lumina_core.verify import Verifier
 
 SAMPLING = SamplingConfig(cfg=2.0, top_k=16)
 
@@ -136,21 +138,34 @@ def test_pairs_layout_end_to_end_feeds_train_prepare_format(tmp_path, tiny_model
         assert item.task in ("pair_depth", "pair_canny")
 
 
+class Brightness(Verifier):
+    """A pixel-only verifier: mean grey level (no model to load)."""
+
+    name = "brightness"
+
+    def _load(self, dtype):
+        pass
+
+    def _score(self, images, prompt):
+        return torch.tensor([float(np.asarray(im.convert("L"), dtype=np.float64).mean()) for im in images])
+
+
 def test_best_of_n_keeps_the_top_scored_candidates(tmp_path, tiny_model):
     prompts = _write(tmp_path / "p.txt", ["a red cube"])
-
-    def brightness(images, prompt):
-        return [float(np.asarray(im.convert("L"), dtype=np.float64).mean()) for im in images]
-
+    brightness = Brightness()
     out = tmp_path / "best"
     run_batch(prompts, out, Loader(tiny_model),
-              _options(best_of=3, scorer=brightness, defaults=ItemDefaults(width=32, height=32, num_images=2)),
+              _options(best_of=3, verifiers={"brightness": brightness},
+                       defaults=ItemDefaults(width=32, height=32, num_images=2)),
               RankInfo())
     record = read_jsonl_records(out / "manifest.jsonl")[0]
-    assert len(record["candidate_scores"]) == 6 and record["candidate_seeds"] == [0, 1, 2, 3, 4, 5]
-    assert record["scores"] == sorted(record["candidate_scores"], reverse=True)[:2]
-    kept = [brightness([Image.open(out / f)], "")[0] for f in record["files"]]
-    assert kept == pytest.approx(record["scores"], abs=1e-4)
+    candidates, kept_scores = record["candidate_scores"]["brightness"], record["scores"]["brightness"]
+    assert len(candidates) == 6 and record["candidate_seeds"] == [0, 1, 2, 3, 4, 5]
+    assert kept_scores == sorted(candidates, reverse=True)[:2]
+    kept = [float(brightness.score([Image.open(out / f)], "")[0]) for f in record["files"]]
+    assert kept == pytest.approx(kept_scores, abs=1e-4)
+    meta = json.loads(Image.open(out / record["files"][0]).text["lumina_mgpt2"])
+    assert meta["seed"] == record["seeds"][0] and meta["best_of"] == 3 and meta["prompt"] == "a red cube"
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"

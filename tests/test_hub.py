@@ -115,3 +115,25 @@ def test_movqgan(tmp_path):
         resolve_movqgan("../" + MOVQGAN_FILE, search_dirs=[vae_dir], allow_paths=False)
     with pytest.raises(ModelNotFoundError, match="official file is movqgan_270M.ckpt"):
         resolve_movqgan("other.ckpt", search_dirs=[vae_dir])
+
+
+def test_verifier_weights_follow_the_model_search_rules(tmp_path, monkeypatch):
+    from lumina_core.hub import resolve_weights
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    (dirs[1] / "PickScore_v1").mkdir(parents=True)
+    (dirs[1] / "head.pth").write_bytes(b"x")
+    assert resolve_weights("yuvalkirstain/PickScore_v1", search_dirs=dirs) == dirs[1] / "PickScore_v1"
+    assert resolve_weights("owner/repo/head.pth", search_dirs=dirs, file=True) == dirs[1] / "head.pth"
+    assert resolve_weights(str(dirs[1] / "head.pth"), file=True) == dirs[1] / "head.pth"   # a path as is
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_weights("openai/clip-vit-large-patch14", search_dirs=dirs)
+    text = str(info.value)
+    # Where it looked, where a download would go (the first search dir, as for models) and how to allow it.
+    assert str(dirs[0] / "clip-vit-large-patch14") in text and "auto-download is off" in text
+    with pytest.raises(ModelNotFoundError, match="owner/repo/file"):
+        resolve_weights("not-a-repo", file=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_weights("openai/clip-vit-large-patch14", search_dirs=dirs, auto_download=True)

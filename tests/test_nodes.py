@@ -399,10 +399,40 @@ def test_missing_movqgan_names_the_folder_and_file(pack, tiny_models, tmp_path, 
 
 
 def test_verifier_weights_are_looked_up_in_the_model_folder(pack, tmp_path, monkeypatch):
+    from lumina_core.verify import get_verifier
+
     best_of_n = sys.modules[f"{wt.PACK_MODULE}.nodes.best_of_n"]
     (tmp_path / "verifiers" / "PickScore_v1").mkdir(parents=True)
     monkeypatch.setenv("LUMINA_MGPT2_MODELS", str(tmp_path))
-    verifier = best_of_n.make_verifier("pickscore", torch.device("cpu"), auto_download=False)
-    assert verifier.model_name == str(tmp_path / "verifiers" / "PickScore_v1")
-    # Not present and no download: the repo id is left for the Hugging Face cache lookup (no network).
-    assert best_of_n.make_verifier("clipscore", torch.device("cpu"), False).model_name == "openai/clip-vit-large-patch14"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    verifier = get_verifier("pickscore", best_of_n.verifier_dirs(), auto_download=False)
+    assert verifier.weights(verifier.model_name) == str(tmp_path / "verifiers" / "PickScore_v1")
+    # Not present, not cached and no download: a clear error naming where it looked (no network).
+    clip = get_verifier("clipscore", best_of_n.verifier_dirs(), False)
+    with pytest.raises(FileNotFoundError, match="auto-download is off") as info:
+        clip.weights(clip.model_name)
+    assert str(tmp_path / "verifiers" / "clip-vit-large-patch14") in str(info.value)
+
+
+def test_best_of_n_prompt_is_typed_once_and_judges_the_generated_panel(pack):
+    from lumina_core.demo.data import parse_caption, render
+    from PIL import Image
+
+    from lumina_core.request import Request
+
+    rng = np.random.default_rng(0)
+    upper = render(parse_caption("a green triangle in the center"), rng)
+    lowers = [render(parse_caption(c), rng) for c in ("a blue square in the bottom right", "a red circle in the top left")]
+    batch = torch.from_numpy(np.stack([np.concatenate([upper, low]) for low in lowers]).astype(np.float32) / 255.0)
+    request = Request(task="edit", prompt="a red circle in the top left", width=64, height=128,
+                      reference=Image.new("RGB", (64, 64)))
+    verifier = node(pack, "LuminaMGPT2VerifierBestOfN")
+    out = verifier.select(batch, "", "demo_check", "", "rank", False, True, request=request)
+    table = json.loads(out["result"][2])
+    assert table["best_index"] == 1 and table["candidates"][0]["demo_check"] == 3.0   # lower panel judged
+    # A prompt typed on the node wins over the request's.
+    again = verifier.select(batch, "a blue square in the bottom right", "demo_check", "", "rank", False, True,
+                            request=request)
+    assert json.loads(again["result"][2])["best_index"] == 0
+    with pytest.raises(ValueError, match="needs a prompt"):
+        verifier.select(batch, "  ", "demo_check", "", "rank", False, True)

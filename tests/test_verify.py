@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lumina_core.verify import (BestOfN, DemoCheckVerifier, average_ranks, best_of_n, get_verifier,
-                                load_aesthetic_head, rank, resolve_model_folder, to_pil_images, weight_memory, zscores)
+                                load_aesthetic_head, rank, to_pil_images, weight_memory, zscores)
 from lumina_core.testing.verifiers import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl
 
 
@@ -158,10 +158,12 @@ def test_aesthetic_head_formats(tiny, tmp_path):
 def test_model_resolution_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="folder not found"):
-        resolve_model_folder(str(tmp_path / "missing" / "folder"), auto_download=False)
-    with pytest.raises(FileNotFoundError, match="auto_download=True"):
-        resolve_model_folder("Qwen/Qwen2.5-VL-7B-Instruct", auto_download=False)
+    from lumina_core.hub import resolve_weights
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_weights(str(tmp_path / "missing" / "folder"), auto_download=False)
+    with pytest.raises(FileNotFoundError, match="auto-download"):
+        resolve_weights("Qwen/Qwen2.5-VL-7B-Instruct", auto_download=False)
     with pytest.raises(ValueError, match="unknown verifier"):
         get_verifier("imagereward")
 

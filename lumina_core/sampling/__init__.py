@@ -1,7 +1,7 @@
 """Sampling settings and the two decoders (plain AR and speculative Jacobi) over one target distribution."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GUIDANCE_MODES = ("official", "constant")
 
@@ -21,15 +21,18 @@ class SamplingConfig:
     Image i of a call uses seed `seed + i`.
     """
 
-    cfg: float = 4.0
-    guidance: str = "official"
-    top_k: int = 4096
-    temperature: float = 1.0
-    sjd: bool = False
-    sjd_window: int = 16
-    sjd_coupled: bool = False
-    seed: int = 0
-    num_images: int = 1
+    # metadata["help"]: the command line's help (lumina_core.cli_options builds the options from these fields).
+    cfg: float = field(default=4.0, metadata={"help": "classifier-free guidance scale (1.0: no guidance)"})
+    guidance: str = field(default="official", metadata={
+        "help": "official: the official CFG schedule; constant: cfg at every step", "choices": GUIDANCE_MODES})
+    top_k: int = field(default=4096, metadata={"help": "image codes kept at each step"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    sjd: bool = field(default=False, metadata={"help": "speculative Jacobi decoding (same distribution, fewer passes)"})
+    sjd_window: int = field(default=16, metadata={"help": "tokens SJD drafts at once (2..64)"})
+    sjd_coupled: bool = field(default=False, metadata={"help": "coupled-noise SJD variant (needs --sjd)",
+                                                        "flag": "--coupled"})
+    seed: int = field(default=0, metadata={"help": "seed of the first image (image i uses seed + i)"})
+    num_images: int = field(default=1, metadata={"help": "images per prompt"})
 
     def __post_init__(self) -> None:
         problems = []

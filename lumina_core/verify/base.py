@@ -1,4 +1,4 @@
-"""The verifier interface, the image convention and model-folder resolution shared by all verifiers.
+"""The verifier interface and the image convention shared by all verifiers (weights: ``hub.resolve_weights``).
 
 Image convention for every `Verifier.score`: a float tensor [N, 3, H, W] with values in [0, 1]
 (RGB), or a sequence of PIL images. Convert at the edges: `LuminaPipeline.decode` gives [-1, 1]
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 from collections.abc import Sequence
 from typing import Union
 
@@ -20,12 +19,8 @@ from ..images import unit_to_uint8
 
 ImagesLike = Union[torch.Tensor, Sequence[Image.Image]]
 
-# Files a verifier needs from a Hugging Face repository: configs, tokenizers, safetensors weights.
-# Pickled weights (*.bin, *.pth) are never downloaded for transformers models.
-MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+# What a processor-only repository contributes (no weights); the weight files: hub.VERIFIER_FILE_PATTERNS.
 PROCESSOR_FILE_PATTERNS = ["*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def to_pil_images(images: ImagesLike) -> list[Image.Image]:
@@ -57,48 +52,6 @@ def to_pil_images(images: ImagesLike) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 
 
-def resolve_model_folder(name_or_path: str, *, auto_download: bool,
-                         allow_patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> str:
-    """A local folder as is, else a Hugging Face repo id from the local cache (or downloaded if allowed)."""
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        return path
-    if not _REPO_ID.match(name_or_path):
-        raise FileNotFoundError(f"verifier model folder not found: {name_or_path!r} (give a folder or an 'owner/name' repo id)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name_or_path, allow_patterns=list(allow_patterns), local_files_only=not auto_download)
-    except Exception as error:
-        if auto_download:
-            raise FileNotFoundError(
-                f"verifier model {name_or_path!r} could not be downloaded ({type(error).__name__}); pass a local folder"
-            ) from error
-        raise FileNotFoundError(
-            f"verifier model {name_or_path!r} is not a local folder and not in the Hugging Face cache: allow "
-            f"downloading (auto_download=True), or run `huggingface-cli download {name_or_path}`, or pass a folder"
-        ) from error
-
-
-def resolve_model_file(spec: str, *, auto_download: bool) -> str:
-    """A local file as is, else 'owner/repo/path/in/repo' from the Hugging Face cache (or downloaded if allowed)."""
-    path = os.path.expanduser(spec)
-    if os.path.isfile(path):
-        return path
-    parts = spec.split("/")
-    if len(parts) < 3 or not _REPO_ID.match("/".join(parts[:2])):
-        raise FileNotFoundError(f"verifier weight file not found: {spec!r} (give a file or 'owner/repo/filename')")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), local_files_only=not auto_download)
-    except Exception as error:
-        raise FileNotFoundError(
-            f"verifier weight file {spec!r} is not local and not in the Hugging Face cache"
-            f"{'' if auto_download else ' (allow downloading with auto_download=True)'} ({type(error).__name__})"
-        ) from error
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on CPU, bfloat16 on accelerators."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -110,14 +63,23 @@ class Verifier:
     name = "verifier"
 
     def __init__(self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 batch_size: int = 8, auto_download: bool = False) -> None:
+                 batch_size: int = 8, auto_download: bool = False,
+                 search_dirs: Sequence[str | os.PathLike] = ()) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
         self.auto_download = auto_download
+        self.search_dirs = tuple(search_dirs)  # where weights are looked for first (ComfyUI: models/.../verifiers)
         self._loaded = False
+
+    def weights(self, spec: str, *, file: bool = False, allow_patterns: Sequence[str] | None = None) -> str:
+        """Local path of a model folder (or, ``file=True``, a file) this verifier needs, by the hub's rules."""
+        from ..hub import VERIFIER_FILE_PATTERNS, resolve_weights
+
+        return str(resolve_weights(spec, search_dirs=self.search_dirs, auto_download=self.auto_download, file=file,
+                                   allow_patterns=allow_patterns or VERIFIER_FILE_PATTERNS))
 
     @property
     def loaded(self) -> bool:

@@ -1,7 +1,6 @@
 """Best-of-N: generate N candidates in one batch, score them with verifiers, keep the best."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -10,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import InputError
 from .base import Verifier
 from .rank import rank
 
@@ -59,15 +59,35 @@ def score_candidates(images: torch.Tensor, prompt: str, verifiers: Mapping[str, 
     return scores, rank(scores, weights, method)
 
 
+def generated_part(images: torch.Tensor, request: Any = None) -> torch.Tensor:
+    """What the model generated of each image ([N,3,H,W]): the lower panel when the request's upper panel is a
+    given reference (subject, edit, control, dense tasks) and the images are full size, else the whole image."""
+    if not getattr(request, "needs_reference", False):
+        return images
+    full_height = getattr(request, "height", None)
+    if full_height is not None and images.shape[2] != full_height:
+        return images  # already a panel (e.g. a node's lower_panel output)
+    return images[:, :, images.shape[2] // 2:, :]
+
+
+def judge(images: torch.Tensor, verifiers: Mapping[str, Verifier] | Sequence[Verifier], request: Any = None,
+          prompt: str | None = None, weights: Mapping[str, float] | None = None, method: str = "rank"):
+    """Rank candidate images ([N,3,H,W] in [0,1]) of a request: (scores by name, Ranking).
+
+    Judged: the generated part only, against ``prompt`` when one is given, else the request's prompt
+    (so the prompt is typed once; pass the user's original when the request holds a refined one:
+    GenEval judges the original and CLIP encoders cut refined prompts at 77 tokens).
+    """
+    text = prompt if prompt and prompt.strip() else getattr(request, "prompt", None)
+    if not text or not text.strip():
+        raise InputError("best-of-N needs a prompt to judge against: give one, or connect the request")
+    return score_candidates(generated_part(images, request), text, verifiers, weights, method)
+
+
 def best_of_n(pipe, request, sampling, verifiers: Mapping[str, Verifier] | Sequence[Verifier],
               weights: Mapping[str, float] | None = None, method: str = "rank", score_prompt: str | None = None,
               progress: Callable | None = None, should_cancel: Callable[[], bool] | None = None) -> BestOfN:
-    """Generate sampling.num_images candidates in one batch, score them against score_prompt, return the best and all.
-
-    score_prompt defaults to request.prompt; when the request holds a ThinkPrompt-refined prompt, pass the
-    user's original prompt here (GenEval judges the original; CLIP encoders cut refined prompts at 77 tokens).
-    When the request's upper panel is a given reference, only the generated lower panel is scored.
-    """
+    """Generate sampling.num_images candidates in one batch, judge them (see ``judge``), return the best and all."""
     n = getattr(sampling, "num_images", 1)
     if n < 1:
         raise ValueError(f"sampling.num_images must be >= 1 for best-of-N, got {n}")
@@ -76,22 +96,13 @@ def best_of_n(pipe, request, sampling, verifiers: Mapping[str, Verifier] | Seque
         unknown = sorted(set(weights) - set(named))
         if unknown:
             raise ValueError(f"weights name unknown verifiers {unknown}; verifiers: {sorted(named)}")
-    prompt = score_prompt if score_prompt is not None else request.prompt
     codes = pipe.generate(request, sampling, progress=progress, should_cancel=should_cancel)
     decoded = pipe.decode(codes)  # as DESIGN.md: decode takes what generate returned
     images = ((decoded.float() + 1) / 2).clamp(0, 1)
     if images.shape[0] != n:
         raise RuntimeError(f"the pipeline returned {images.shape[0]} images for num_images={n}")
-    # Tasks whose upper panel is the given reference (subject, edit, control, dense): judge only the
-    # generated lower panel.
-    judged = images[:, :, images.shape[2] // 2:, :] if getattr(request, "needs_reference", False) else images
-    scores, ranking = score_candidates(judged, prompt, named, weights, method)
+    scores, ranking = judge(images, named, request, score_prompt, weights, method)
     logger.info("best-of-%d: candidate %d wins (%s)", n, ranking.best_index,
                 ", ".join(f"{k}={float(v[ranking.best_index]):.4g}" for k, v in scores.items()))
     return BestOfN(best_index=ranking.best_index, images=images.cpu(), order=ranking.order, table=ranking.table,
                    scores=scores, codes=codes)
-
-
-def with_num_images(sampling, n: int):
-    """A copy of a SamplingConfig dataclass asking for n images."""
-    return dataclasses.replace(sampling, num_images=n)

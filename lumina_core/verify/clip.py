@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import PROCESSOR_FILE_PATTERNS, Verifier, resolve_model_file, resolve_model_folder
+from .base import PROCESSOR_FILE_PATTERNS, Verifier
 
 
 def _load_image_processor(folder: str):
@@ -39,10 +39,9 @@ class ClipSimilarityVerifier(Verifier):
     def _load(self, dtype: torch.dtype) -> None:
         from transformers import AutoTokenizer, CLIPModel
 
-        folder = resolve_model_folder(self.model_name, auto_download=self.auto_download)
+        folder = self.weights(self.model_name)
         processor_folder = (folder if self.processor_name == self.model_name else
-                            resolve_model_folder(self.processor_name, auto_download=self.auto_download,
-                                                 allow_patterns=PROCESSOR_FILE_PATTERNS))
+                            self.weights(self.processor_name, allow_patterns=PROCESSOR_FILE_PATTERNS))
         self._tokenizer = AutoTokenizer.from_pretrained(processor_folder)
         self._image_processor = _load_image_processor(processor_folder)
         self._model = CLIPModel.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(self.device).eval()
@@ -134,8 +133,8 @@ class AestheticVerifier(Verifier):
     def _load(self, dtype: torch.dtype) -> None:
         from transformers import AutoConfig
 
-        folder = resolve_model_folder(self.model_name, auto_download=self.auto_download)
-        head = load_aesthetic_head(resolve_model_file(self.head_name, auto_download=self.auto_download))
+        folder = self.weights(self.model_name)
+        head = load_aesthetic_head(self.weights(self.head_name, file=True))
         self._image_processor = _load_image_processor(folder)
         config = AutoConfig.from_pretrained(folder)
         if config.model_type == "clip":  # a full CLIP folder: take the vision tower and its projection

@@ -1,46 +1,92 @@
-"""The verifier catalogue: names, default checkpoints, and the weight memory of the real models."""
+"""The verifier catalogue: names, default checkpoints, sets and weights by name, and the weight memory of the real models."""
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .base import Verifier
 from .clip import AestheticVerifier, ClipSimilarityVerifier
 from .pixels import DemoCheckVerifier
 from .vqascore import VQASCORE_MODELS, VQAScoreVerifier
 
-DEFAULT_MODELS = {
-    "vqascore": VQASCORE_MODELS["qwen2.5-vl-7b"],
-    "aesthetic": "openai/clip-vit-large-patch14",
-    "pickscore": "yuvalkirstain/PickScore_v1",
-    "clipscore": "openai/clip-vit-large-patch14",
+# Name -> (default checkpoint, what it judges). Checkpoints are fixed here, never taken from a workflow.
+VERIFIERS = {
+    "vqascore": (VQASCORE_MODELS["qwen2.5-vl-7b"], "prompt alignment (VQAScore, P('Yes'))"),
+    "aesthetic": ("openai/clip-vit-large-patch14", "LAION aesthetic predictor v2"),
+    "pickscore": ("yuvalkirstain/PickScore_v1", "human preference (PickScore)"),
+    "clipscore": ("openai/clip-vit-large-patch14", "prompt alignment (CLIP, 100 x cosine)"),
+    "demo_check": (None, "pixel checker for the procedural demo model (no weights)"),
 }
+DEFAULT_MODELS = {name: model for name, (model, _) in VERIFIERS.items() if model}
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-VERIFIER_NAMES = ("vqascore", "aesthetic", "pickscore", "clipscore", "demo_check")
+VERIFIER_NAMES = tuple(VERIFIERS)
+# Ready-made combinations (the node's dropdown; `--verifier a+b` on the CLI): alignment first, as
+# rank() breaks ties on the first verifier's raw score.
+VERIFIER_SETS = ("pickscore+aesthetic", "clipscore", "pickscore", "aesthetic", "vqascore", "clipscore+aesthetic",
+                 "vqascore+pickscore+aesthetic", "demo_check")
+_WEIGHT_RE = re.compile(r"^\s*([a-z_]+)\s*[=:]\s*([0-9]*\.?[0-9]+)\s*$")
 
 
-def get_verifier(name: str, model: str | None = None, **kwargs: Any) -> Verifier:
-    """Build a verifier by name (lazily loaded); model overrides the default checkpoint (repo id or folder).
+def verifier_names(spec: str | Sequence[str]) -> list[str]:
+    """Verifier names from 'a+b' (or a list of such), checked against the catalogue, without repeats."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for name in (n.strip() for part in parts for n in part.split("+")):
+        if name not in VERIFIERS:
+            raise InputError(f"unknown verifier {name!r}; known: {', '.join(VERIFIER_NAMES)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise InputError(f"no verifier named; known: {', '.join(VERIFIER_NAMES)}")
+    return names
 
-    kwargs go to the verifier: device, dtype, batch_size, auto_download, and per verifier
-    processor (pickscore, clipscore), head (aesthetic), max_pixels / question / answer (vqascore).
+
+def parse_weights(text: str, names: Sequence[str]) -> dict[str, float]:
+    """'vqascore=2, aesthetic=0.5' -> {name: weight}; unnamed verifiers weigh 1; unknown names are an error."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (text or "").replace(";", ",").split(","))):
+        match = _WEIGHT_RE.match(part)
+        if not match:
+            raise InputError(f"cannot read weight {part!r}: write name=number, e.g. 'vqascore=2, aesthetic=0.5'")
+        name, value = match.group(1), float(match.group(2))
+        if name not in names:
+            raise InputError(f"weight for {name!r}, which is not among the chosen verifiers {list(names)}")
+        weights[name] = value
+    if weights and sum(weights.get(n, 1.0) for n in names) <= 0:
+        raise InputError("the weights must not all be 0")
+    return weights
+
+
+def get_verifier(name: str, search_dirs: Sequence[str | os.PathLike] = (), auto_download: bool = False,
+                 device: str | torch.device = "cpu", *, model: str | None = None, **kwargs: Any) -> Verifier:
+    """Build a verifier by name (weights load on first score, found by ``hub.resolve_weights``).
+
+    ``search_dirs`` are looked in first (ComfyUI's models/lumina_mgpt2/verifiers) and receive downloads
+    when ``auto_download``; ``model`` overrides the default checkpoint (repo id or folder). kwargs go to
+    the verifier: dtype, batch_size, and per verifier processor (pickscore, clipscore), head
+    (aesthetic), max_pixels / question / answer (vqascore).
     """
-    if name == "vqascore":
-        return VQAScoreVerifier(model or DEFAULT_MODELS["vqascore"], **kwargs)
-    if name == "aesthetic":
-        return AestheticVerifier(model or DEFAULT_MODELS["aesthetic"], **kwargs)
-    if name == "pickscore":
-        kwargs.setdefault("processor", None if model else PICKSCORE_PROCESSOR)
-        return ClipSimilarityVerifier(model or DEFAULT_MODELS["pickscore"], scale="logit_scale", name="pickscore",
-                                      **kwargs)
-    if name == "clipscore":
-        return ClipSimilarityVerifier(model or DEFAULT_MODELS["clipscore"], scale=100.0, name="clipscore", **kwargs)
+    kwargs.update(search_dirs=search_dirs, auto_download=auto_download, device=device)
     if name == "demo_check":
         if model:
             raise ValueError("demo_check reads pixels and takes no model")
         return DemoCheckVerifier(**kwargs)
-    raise ValueError(f"unknown verifier {name!r}; known: {', '.join(VERIFIER_NAMES)}")
+    if name not in VERIFIERS:
+        raise InputError(f"unknown verifier {name!r}; known: {', '.join(VERIFIER_NAMES)}")
+    checkpoint = model or DEFAULT_MODELS[name]
+    if name == "vqascore":
+        return VQAScoreVerifier(checkpoint, **kwargs)
+    if name == "aesthetic":
+        return AestheticVerifier(checkpoint, **kwargs)
+    if name == "pickscore":
+        kwargs.setdefault("processor", None if model else PICKSCORE_PROCESSOR)
+        return ClipSimilarityVerifier(checkpoint, scale="logit_scale", name="pickscore", **kwargs)
+    return ClipSimilarityVerifier(checkpoint, scale=100.0, name="clipscore", **kwargs)
 
 
 # Architecture of the real default checkpoints (the fields of their config.json that set the size),

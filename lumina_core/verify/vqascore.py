@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import Verifier, resolve_model_folder
+from .base import Verifier
 
 QUESTION_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 
@@ -64,7 +64,7 @@ class VQAScoreVerifier(Verifier):
     def _load(self, dtype: torch.dtype) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        folder = resolve_model_folder(self.model_name, auto_download=self.auto_download)
+        folder = self.weights(self.model_name)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         extra = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", **extra)
