@@ -55,6 +55,8 @@ class MarkovField(nn.Module):
         self.lm_head = nn.Linear(2 * (c + 1), self.config.vocab_size, bias=False)
         self.lm_head.weight.data = weight
         self.forward_calls = 0
+        self.decode_vocab = None  # the interface CFGBatch reads (lumina_core.model.LuminaTransformer)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def _code(self, tokens: torch.Tensor) -> torch.Tensor:
         code = tokens - OFFSET
@@ -76,6 +78,8 @@ class MarkovField(nn.Module):
         hidden.scatter_(2, (up + c1)[..., None], 1.0)
         cache.lengths = cache.lengths + n
         return hidden
+
+    decode_step = hidden_states
 
 
 def job_for(rows: int, cols: int, num_codes: int, prompt_len: int = 8) -> DecodeJob:

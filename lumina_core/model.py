@@ -1,6 +1,7 @@
 """The Lumina-mGPT 2.0 decoder (Chameleon-style, official parameter names) and its static KV cache."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -8,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back to the input dtype before the weight (as the official code)."""
@@ -53,6 +58,71 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+# --- KV cache storage ------------------------------------------------------------------------
+KV_CACHE_MODES = ("auto", "bf16", "fp8")
+# e4m3 (3 mantissa bits) over e5m2: keys and values need precision more than range, and the
+# per-position scales below give the range. None on a torch without float8 dtypes.
+FP8_KV_DTYPE: torch.dtype | None = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0  # largest finite e4m3fn value
+KV_SCALE_DTYPE = torch.float32
+# Which fp8 tensors carry a scale per (row, head, position), by measurement (bench/kv_fidelity.py,
+# README "fp8 KV cache"): a power-of-two scale changes no rounding inside e4m3's normal range, it
+# only keeps small vectors out of the subnormals. Values have no norm in front of them (a model whose
+# values are 64x smaller loses 50 % more logit accuracy without scales); keys come out of the
+# LayerNorm at the scale of its affine weights, ~1 in trained models.
+FP8_SCALED_KEYS = False  # keys leave the q/k LayerNorm near its weights (~1): in range
+FP8_SCALED_VALUES = True
+
+
+def kv_storage_dtype(kv_cache: str, activation_dtype: torch.dtype, planned: str | None = None) -> torch.dtype:
+    """The KV cache's storage dtype for a `kv_cache` setting ("bf16", "fp8", or "auto").
+
+    "auto" is the activation dtype, unless a memory plan chose a mode (`planned`, "bf16" or "fp8");
+    an "auto" that would be fp8 on a torch without float8 dtypes falls back to the activation dtype.
+    """
+    if kv_cache not in KV_CACHE_MODES:
+        raise InputError(f"unknown kv_cache {kv_cache!r}; allowed: {', '.join(KV_CACHE_MODES)}")
+    if planned is not None and planned not in ("bf16", "fp8"):
+        raise ValueError(f"a memory plan's kv_cache must be 'bf16' or 'fp8', got {planned!r}")
+    mode = (planned or "auto") if kv_cache == "auto" else kv_cache
+    if mode == "auto":
+        return activation_dtype
+    if mode == "bf16":
+        return torch.bfloat16
+    if FP8_KV_DTYPE is None:
+        if kv_cache == "auto":
+            logger.warning("torch %s has no float8 dtypes: the KV cache stays in %s", torch.__version__, activation_dtype)
+            return activation_dtype
+        raise InputError(f"kv_cache='fp8' needs a torch with float8 dtypes (2.1 or newer), this is torch "
+                         f"{torch.__version__}; use kv_cache='bf16' or 'auto'")
+    return FP8_KV_DTYPE
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """True for the float8 storage dtypes."""
+    return dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
+
+
+def quantize_fp8(x: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., D] -> (e4m3 values, float32 scale [...] or None); x ~= values * scale.
+
+    The scale of each vector is the power of two that brings its largest entry into (224, 448]:
+    the whole e4m3 range for every position, and an exact dequantisation in any float dtype.
+    """
+    if not scaled:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), None
+    amax = x.abs().amax(-1).float().clamp_min(2.0 ** -100)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    values = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+    return values, scale.to(KV_SCALE_DTYPE)
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values [..., D] (and their scale [...]) back in `dtype`."""
+    out = values.to(dtype)
+    return out if scale is None else out * scale.to(dtype)[..., None]
+
+
 class KVCache:
     """Static key/value cache: preallocated for the whole request, one write pointer per row.
 
@@ -60,27 +130,93 @@ class KVCache:
     them at lengths[b] .. lengths[b]+n-1 and advances the pointer; `rollback` moves it back (SJD
     rejects the tail of a window that way: nothing is copied). `key_valid` marks left padding so
     rows of different prompt lengths share one batch.
+
+    `dtype` is the activation dtype (the attention math); `storage` the dtype the keys and values
+    are kept in (default: the activation dtype). fp8 storage quantizes each written position on
+    its own (a float32 scale per row, head and position), so rollback, left padding and CUDA
+    graphs work as for any dtype.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 storage: torch.dtype | None = None, scaled_keys: bool = FP8_SCALED_KEYS,
+                 scaled_values: bool = FP8_SCALED_VALUES) -> None:
+        self.dtype = dtype
+        self.storage = storage or dtype
+        self.fp8 = is_fp8(self.storage)
+        if self.fp8 and self.storage != FP8_KV_DTYPE:
+            raise ValueError(f"fp8 KV storage is {FP8_KV_DTYPE}, got {self.storage}")
+        layers = config.num_hidden_layers
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=self.storage, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=self.storage, device=device) for _ in range(layers)]
+
+        def scales(wanted: bool) -> list[torch.Tensor] | None:
+            if not (self.fp8 and wanted):
+                return None
+            return [torch.ones(shape[:-1], dtype=KV_SCALE_DTYPE, device=device) for _ in range(layers)]
+
+        self.k_scale, self.v_scale = scales(scaled_keys), scales(scaled_values)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
     @staticmethod
-    def nbytes_for(config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
-        """Bytes the K and V tensors of a cache of this size take."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * batch_size * config.num_key_value_heads * max_len * config.head_dim * element
+    def nbytes_for(config: ModelConfig, batch_size: int, max_len: int, storage: torch.dtype,
+                   scaled_keys: bool = FP8_SCALED_KEYS, scaled_values: bool = FP8_SCALED_VALUES) -> int:
+        """Bytes a cache of this size allocates with this storage dtype (what `nbytes` reports)."""
+        positions = batch_size * config.num_key_value_heads * max_len
+        per_layer = 2 * positions * config.head_dim * torch.empty((), dtype=storage).element_size()
+        if is_fp8(storage):
+            per_layer += (int(scaled_keys) + int(scaled_values)) * positions * torch.empty((), dtype=KV_SCALE_DTYPE).element_size()
+        pointers = batch_size * max_len * torch.empty((), dtype=torch.bool).element_size() + batch_size * 8
+        return config.num_hidden_layers * per_layer + pointers
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (keys, values, their scales, validity and pointers)."""
+        return self.k + self.v + (self.k_scale or []) + (self.v_scale or []) + [self.key_valid, self.lengths]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the K and V tensors."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes held by the cache's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def write(self, layer: int, write_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values [B, kv_heads, n, D] of layer `layer` at positions write_pos [B, n]."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.fp8:
+                x, scale = quantize_fp8(x, scaled=scales is not None)
+                if scale is not None:
+                    scales[layer][rows, :, write_pos] = scale.transpose(1, 2)
+            # Advanced indices around a slice put the indexed dims first: [B, n, heads, D].
+            store[layer][rows, :, write_pos] = x.transpose(1, 2).to(self.storage)
+
+    def read(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, kv_len, D] of layer `layer` in the activation dtype."""
+        k, v = self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        if self.storage == self.dtype:
+            return k, v
+        return (dequantize(k, self._scale(self.k_scale, layer, kv_len), self.dtype),
+                dequantize(v, self._scale(self.v_scale, layer, kv_len), self.dtype))
+
+    @staticmethod
+    def _scale(scales: list[torch.Tensor] | None, layer: int, kv_len: int) -> torch.Tensor | None:
+        return None if scales is None else scales[layer][:, :, :kv_len]
+
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of queries q [B, heads, n, D] over the first mask.shape[-1] cached positions of `layer`.
+
+        Eager: the cache is read (fp8 dequantized) and handed to SDPA. Under torch.compile an fp8
+        cache goes through `fused_fp8_attention`, where the dequantisation is part of the attention
+        kernels, so the fp8 bytes are read once and no dequantized copy is written.
+        """
+        kv_len = mask.shape[-1]
+        if self.fp8 and torch.compiler.is_compiling():
+            return fused_fp8_attention(q, self.k[layer][:, :, :kv_len], self._scale(self.k_scale, layer, kv_len),
+                                       self.v[layer][:, :, :kv_len], self._scale(self.v_scale, layer, kv_len), mask)
+        k, v = self.read(layer, kv_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
     def rollback(self, counts: torch.Tensor | int) -> None:
         """Forget the last `counts` positions of each row (a tensor [B] or one int for all rows)."""
@@ -89,8 +225,36 @@ class KVCache:
     def release(self) -> None:
         """Drop the tensors so their memory can be reused (after cancel or at the end of a request)."""
         self.k, self.v = [], []
+        self.k_scale = [] if self.k_scale is not None else None
+        self.v_scale = [] if self.v_scale is not None else None
         self.key_valid = self.key_valid[:, :0]
         self.max_len = 0
+
+
+def fused_fp8_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None, v: torch.Tensor,
+                        v_scale: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q [B, H, n, D] over fp8 keys/values [B, KV, L, D] with per-position scales [B, KV, L].
+
+    Written as products and sums (not matmuls) so that torch.compile makes each of the two
+    contractions one kernel that reads the fp8 cache directly, converting in registers: a matmul
+    would first write a dequantized copy of the cache. The per-position scales factor out of both
+    contractions (q.(s k) = s (q.k); sum p s v = sum (p s) v), so they scale the scores and the
+    probabilities instead of the cache. Math in float32; mask [B, 1, n, L] additive. Eagerly this
+    form would materialise [B, H, n, L, D] products: `KVCache.attend` uses it only when compiling.
+    """
+    b, h, n, d = q.shape
+    kv, length = k.shape[1], k.shape[2]
+    groups = h // kv
+    qf = q.float().reshape(b, kv, groups, n, 1, d)
+    scores = (qf * k.float()[:, :, None, None]).sum(-1) * d ** -0.5           # [B, KV, G, n, L]
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]
+    scores = scores + mask.float().reshape(b, 1, 1, n, length)
+    probs = torch.softmax(scores, dim=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None, :]
+    out = (probs[..., None] * v.float()[:, :, None, None]).sum(-2)             # [B, KV, G, n, D]
+    return out.reshape(b, h, n, d).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -114,13 +278,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, kv, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            rows = torch.arange(b, device=x.device)[:, None]
-            # Advanced indices around a slice put the indexed dims first: [B, n, heads, D].
-            cache.k[layer][rows, :, write_pos] = k.transpose(1, 2)
-            cache.v[layer][rows, :, write_pos] = v.transpose(1, 2)
-            kv_len = mask.shape[-1]
-            k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
+            cache.write(layer, write_pos, k, v)
+            out = cache.attend(layer, q, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 
@@ -159,6 +320,53 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+class DecodeVocabulary(nn.Module):
+    """The rows of the embedding table and of lm_head that decode steps meet, kept on the device.
+
+    After the prefill, a decode step feeds only image codes and the few tokens the image grammar
+    can put there (new line, end of image, and the prefix's last token, which SJD's first window
+    repeats: a size token or a new line), and it scores only image codes. So the decoding device
+    needs `embed` = those rows of the embedding table and `head` = the image-code rows of lm_head;
+    the full tables (1.3 GiB each for the 7B in bf16) are needed only to embed the prompt.
+    Buffers, not parameters: they are copies of official tensors and never in the state dict.
+    """
+
+    def __init__(self, embed_weight: torch.Tensor, head_weight: torch.Tensor, token_ids: list[int],
+                 code_offset: int, num_codes: int, device: torch.device | str) -> None:
+        super().__init__()
+        codes = range(code_offset, code_offset + num_codes)
+        ids = sorted(set(token_ids) | set(codes))
+        if ids[0] < 0 or ids[-1] >= embed_weight.shape[0]:
+            raise ValueError(f"decode vocabulary ids must lie in 0..{embed_weight.shape[0] - 1}")
+        self.code_offset, self.num_codes = code_offset, num_codes
+        self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        rows = torch.tensor(ids, dtype=torch.long, device=embed_weight.device)
+        self.register_buffer("embed", embed_weight.detach()[rows].to(device), persistent=False)
+        # Same values in the same layout as lm_head.weight[codes]: the image logits stay bit-identical.
+        self.register_buffer("head", head_weight.detach()[code_offset:code_offset + num_codes].to(device),
+                             persistent=False)
+        self._id_set = frozenset(ids)
+
+    def covers(self, token_ids) -> bool:
+        """True when every id of `token_ids` (host ints) has a row here."""
+        return set(int(t) for t in token_ids) <= self._id_set
+
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ids that are in this vocabulary (others get a wrong row: see `covers`)."""
+        return F.embedding(torch.searchsorted(self.token_ids, input_ids), self.embed)
+
+    @staticmethod
+    def nbytes_for(hidden_size: int, num_tokens: int, num_codes: int, dtype: torch.dtype) -> int:
+        """Device bytes of a decode vocabulary of `num_tokens` embedding rows and `num_codes` head rows."""
+        return (num_tokens * (hidden_size * torch.empty((), dtype=dtype).element_size() + 8)
+                + num_codes * hidden_size * torch.empty((), dtype=dtype).element_size())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers (ids, embedding rows, head rows)."""
+        return sum(t.numel() * t.element_size() for t in (self.token_ids, self.embed, self.head))
+
+
 class LuminaTransformer(nn.Module):
     """Decoder-only transformer with the official names: `model.embed_tokens`, `model.layers.i.*`, `model.norm`, `lm_head`."""
 
@@ -168,6 +376,42 @@ class LuminaTransformer(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         self.gradient_checkpointing = False
+        self.decode_vocab: DecodeVocabulary | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder layers run (the full vocabulary tables may live elsewhere)."""
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype."""
+        return self.model.norm.weight.dtype
+
+    def use_decode_vocabulary(self, token_ids: list[int], code_offset: int, num_codes: int,
+                              full_tables_on: torch.device | str = "cpu") -> DecodeVocabulary:
+        """Keep on the layers' device only the rows decode steps meet; move the full tables to `full_tables_on`.
+
+        The prompt is then embedded from the full table wherever it is (`embed`), decode steps use
+        `decode_vocab` (`decode_step`), and `forward` computes full logits where lm_head is.
+        """
+        self.decode_vocab = DecodeVocabulary(self.model.embed_tokens.weight, self.lm_head.weight, token_ids,
+                                             code_offset, num_codes, self.device)
+        self.offload_full_vocabulary(full_tables_on)
+        return self.decode_vocab
+
+    def offload_full_vocabulary(self, device: torch.device | str = "cpu") -> None:
+        """Move the full embedding table and lm_head to `device` (after `.to()` brought them back)."""
+        for module in (self.model.embed_tokens, self.lm_head):
+            if module.weight.device != torch.device(device):
+                module.weight = nn.Parameter(module.weight.detach().to(device), requires_grad=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings from the full table, on the ids' device (the table may be on the host)."""
+        table = self.model.embed_tokens.weight
+        if table.device == input_ids.device:
+            return self.model.embed_tokens(input_ids)
+        return self.model.embed_tokens(input_ids.to(table.device)).to(input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -176,7 +420,10 @@ class LuminaTransformer(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, kv_len)
         if num_logits is not None:
             hidden = hidden[:, -num_logits:]
-        return self.lm_head(hidden).float()
+        head = self.lm_head.weight
+        if head.device == hidden.device:
+            return self.lm_head(hidden).float()
+        return self.lm_head(hidden.to(head.device)).float().to(hidden.device)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -188,9 +435,22 @@ class LuminaTransformer(nn.Module):
         marks which of them are real; keys are read up to `kv_len` (default: the longest filled row),
         so a caller can keep that length fixed for static shapes.
         """
-        b, n = input_ids.shape
-        device = input_ids.device
-        x = self.model.embed_tokens(input_ids)
+        return self._layers(self.embed(input_ids), attention_mask, position_ids, cache, kv_len)
+
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                    kv_len: int | None = None) -> torch.Tensor:
+        """`hidden_states` for a decode step: ids embedded from `decode_vocab` when the model has one.
+
+        The sampler's step (eager, compiled or replayed from a CUDA graph) is this function.
+        """
+        x = self.decode_vocab.embed_ids(input_ids) if self.decode_vocab is not None else self.embed(input_ids)
+        return self._layers(x, attention_mask, position_ids, cache, kv_len)
+
+    def _layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                cache: KVCache | None, kv_len: int | None) -> torch.Tensor:
+        b, n = x.shape[:2]
+        device = x.device
         write_pos = None
         if cache is None:
             if position_ids is None:

@@ -42,6 +42,12 @@ def find_movqgan(folder: Path, auto_download: bool = False) -> Path:
     return Path(resolve_movqgan(search_dirs=[folder, folder.parent], auto_download=auto_download))
 
 
+def decode_token_ids(layout: TokenLayout) -> list[int]:
+    """Tokens a decode step may feed besides image codes: the forced new line and end, and every token
+    a prefix can end with (SJD feeds it again): the size tokens, the image start."""
+    return [layout.new_line, layout.image_end, layout.image_start, *layout.size_token_ids.values()]
+
+
 class LuminaPipeline:
     """Everything needed to turn a Request into images; `generate` samples codes, `decode` makes pixels."""
 
@@ -55,16 +61,19 @@ class LuminaPipeline:
         self.max_positions = max_positions or self.config.max_position_embeddings
         self.step_fn = step_fn
         self.quant = quant
+        # Decoding reads only the image-code rows of lm_head and the embedding rows it feeds; the
+        # full tables stay on the host, where the prompt is embedded.
+        transformer.use_decode_vocabulary(decode_token_ids(layout), layout.image_code_offset, layout.num_image_codes)
 
     @property
     def device(self) -> torch.device:
-        """Device of the transformer."""
-        return next(self.transformer.parameters()).device
+        """Device of the transformer's layers."""
+        return self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype of the transformer (its embedding dtype)."""
-        return self.transformer.model.embed_tokens.weight.dtype
+        """Activation dtype of the transformer."""
+        return self.transformer.dtype
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: Optional[torch.dtype] = None,
@@ -95,12 +104,13 @@ class LuminaPipeline:
         movqgan = load_movqgan(ckpt, device=device)
         step_fn = compile_step(transformer) if compile else None
         if cuda_graphs and device.type == "cuda":
-            step_fn = CUDAGraphStep(step_fn or transformer.hidden_states)
+            step_fn = CUDAGraphStep(step_fn or transformer.decode_step)
         return cls(transformer, movqgan, tokenizer, layout, step_fn=step_fn, quant=quant)
 
     def to(self, device: torch.device | str) -> "LuminaPipeline":
-        """Move transformer and MoVQGAN to `device`."""
+        """Move transformer and MoVQGAN to `device` (the full vocabulary tables stay on the host)."""
         self.transformer.to(device)
+        self.transformer.offload_full_vocabulary()
         if self.movqgan is not None:
             self.movqgan.to(device)
         return self

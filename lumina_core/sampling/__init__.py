@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..model import KV_CACHE_MODES
+
 GUIDANCE_MODES = ("official", "constant")
 
 
@@ -18,7 +20,9 @@ class SamplingConfig:
     the official schedule (reference section e.1), "constant" keeps `cfg` everywhere. `top_k`
     limits image codes (the image header, start, height and width, is written from the request,
     never sampled, so no text top-k exists).
-    Image i of a call uses seed `seed + i`.
+    Image i of a call uses seed `seed + i`. `kv_cache` is the KV cache's storage: "bf16", "fp8"
+    (e4m3, half the bytes) or "auto" (the activation dtype unless a memory plan chose fp8;
+    `lumina_core.model.kv_storage_dtype` resolves it).
     """
 
     # metadata["help"]: the command line's help (lumina_core.cli_options builds the options from these fields).
@@ -33,6 +37,9 @@ class SamplingConfig:
                                                         "flag": "--coupled"})
     seed: int = field(default=0, metadata={"help": "seed of the first image (image i uses seed + i)"})
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
+    kv_cache: str = field(default="auto", metadata={
+        "help": "KV cache storage: bf16, fp8 (e4m3, half the bytes) or auto (the activation dtype unless the "
+                "memory plan chooses fp8)", "choices": KV_CACHE_MODES})
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,6 +57,8 @@ class SamplingConfig:
             problems.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         if not isinstance(self.num_images, int) or isinstance(self.num_images, bool) or self.num_images < 1:
             problems.append(f"num_images must be an integer >= 1, got {self.num_images!r}")
+        if self.kv_cache not in KV_CACHE_MODES:
+            problems.append(f"kv_cache must be one of {list(KV_CACHE_MODES)}, got {self.kv_cache!r}")
         if self.sjd_coupled and not self.sjd:
             problems.append("sjd_coupled=True needs sjd=True (it is a variant of speculative Jacobi decoding)")
         if problems:

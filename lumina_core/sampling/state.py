@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache, LuminaTransformer
+from ..model import KVCache, LuminaTransformer, kv_storage_dtype
 from . import GenerationCancelled, SamplingConfig
 from .logits import END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
 
@@ -64,7 +64,10 @@ class DecodeJob:
 
 
 def image_head_weight(model: LuminaTransformer, offset: int, count: int) -> Optional[torch.Tensor]:
-    """The LM-head rows of the image codes as a view (None when the head is quantized: then slice the logits)."""
+    """The LM-head rows of the image codes: the decode vocabulary's, else a view of lm_head (None when quantized)."""
+    vocab = model.decode_vocab
+    if vocab is not None and (vocab.code_offset, vocab.num_codes) == (offset, count):
+        return vocab.head
     weight = model.lm_head.weight
     if type(weight) in (torch.Tensor, torch.nn.Parameter):
         return weight[offset:offset + count]
@@ -90,12 +93,16 @@ class CFGBatch:
         self.model, self.job, self.sampling = model, job, sampling
         self.n = num_images
         self.use_cfg = sampling.cfg != 1.0
-        self.device = next(model.parameters()).device
-        dtype = model.model.embed_tokens.weight.dtype
+        self.device = model.device
         rows = 2 * num_images if self.use_cfg else num_images
         self.prefix_len = len(job.cond_prefix)
         self.max_len = cache_length(job, window)
-        self.cache = KVCache(model.config, rows, self.max_len, dtype=dtype, device=self.device)
+        # Decode steps feed the prefix's last token (SJD's first window), codes and forced tokens.
+        fed = (job.cond_prefix[-1], job.uncond_prefix[-1], job.new_line, job.image_end)
+        if model.decode_vocab is not None and not model.decode_vocab.covers(fed):
+            raise ValueError(f"the model's decode vocabulary lacks some of the tokens decoding feeds: {fed}")
+        self.cache = KVCache(model.config, rows, self.max_len, dtype=model.dtype, device=self.device,
+                             storage=kv_storage_dtype(sampling.kv_cache, model.dtype))
         pad = self.prefix_len - len(job.uncond_prefix)
         if pad < 0:
             raise ValueError("the unconditional prefix must not be longer than the conditional one")
@@ -103,7 +110,7 @@ class CFGBatch:
         self.position_offset = torch.tensor(offsets, dtype=torch.long, device=self.device)
         self.pad = pad
         self.head_weight = image_head_weight(model, job.code_offset, job.num_codes)
-        self.step_fn = step_fn or model.hidden_states
+        self.step_fn = step_fn or model.decode_step
         self.bucket_kv = bucket_kv
         self.host_pointer = [0] * num_images  # cache pointer per image, known on the host
         self.forward_passes = 0

@@ -11,17 +11,17 @@ logger = logging.getLogger(__name__)
 
 
 def compile_step(model: nn.Module, mode: Optional[str] = None) -> Callable:
-    """The model's cached forward (`hidden_states`) wrapped in torch.compile for the decode step.
+    """The model's decode step (`decode_step`) wrapped in torch.compile.
 
     Decoders call it with fixed window shapes and key lengths rounded up to buckets, so it compiles
     once per bucket. `mode` is passed to torch.compile (e.g. "max-autotune-no-cudagraphs").
     """
-    return torch.compile(model.hidden_states, mode=mode, dynamic=False)
+    return torch.compile(model.decode_step, mode=mode, dynamic=False)
 
 
 
 class CUDAGraphStep:
-    """A cached decode step (`hidden_states` or its compiled form) replayed from CUDA graphs.
+    """A cached decode step (`decode_step` or its compiled form) replayed from CUDA graphs.
 
     Why: one 7B decode step is hundreds of small kernels; launched one by one from Python they took
     about 31 ms per step on an H200 (eager) against about 4 ms of memory traffic. A CUDA graph
