@@ -212,31 +212,15 @@ def resolve_movqgan(name_or_path: str | os.PathLike = MOVQGAN_FILE, *, search_di
             raise ModelNotFoundError(f"MoVQGAN checkpoint {path} does not exist "
                                      f"(get {MOVQGAN_FILE} from https://huggingface.co/{MOVQGAN_REPO})")
     name = safe_model_name(raw)
-    searched = [d / name for d in dirs]
-    for candidate in searched:
-        if candidate.is_file():
-            return candidate
-    target = dirs[0] if dirs else None
-    hint = f"Or enable auto-download to fetch it from https://huggingface.co/{MOVQGAN_REPO}."
     if name != MOVQGAN_FILE:
-        raise _not_found("MoVQGAN checkpoint", name, searched, name, "no such file", target,
+        for candidate in (d / name for d in dirs):
+            if candidate.is_file():
+                return candidate
+        raise _not_found("MoVQGAN checkpoint", name, [d / name for d in dirs], name, "no such file",
+                         dirs[0] if dirs else None,
                          f"The official file is {MOVQGAN_FILE} from https://huggingface.co/{MOVQGAN_REPO}.")
-
-    from huggingface_hub import hf_hub_download
-
-    try:  # a copy already in the Hugging Face cache
-        return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_files_only=True, cache_dir=cache_dir))
-    except Exception:  # not cached
-        pass
-    _refuse_download_if_off("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, target, hint, auto_download,
-                            by_hand="copy the file by hand")
-    logger.info("downloading %s/%s to %s", MOVQGAN_REPO, MOVQGAN_FILE, target or "the Hugging Face cache")
-    try:
-        return Path(hf_hub_download(MOVQGAN_REPO, MOVQGAN_FILE, local_dir=str(target) if target else None,
-                                    tqdm_class=tqdm_class, cache_dir=cache_dir))
-    except Exception as exc:
-        raise _not_found("MoVQGAN checkpoint", name, searched, MOVQGAN_FILE, f"download failed: {exc}", target,
-                         "Check the network, or copy the file by hand.") from exc
+    return resolve_weights(f"{MOVQGAN_REPO}/{MOVQGAN_FILE}", search_dirs=dirs, auto_download=auto_download, file=True,
+                           what="MoVQGAN checkpoint", tqdm_class=tqdm_class, cache_dir=cache_dir)
 
 
 # Files of a verifier's Hugging Face repository: configs, tokenizers, safetensors weights (pickled
@@ -246,8 +230,9 @@ VERIFIER_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.mode
 
 def resolve_weights(spec: str, *, search_dirs: Sequence[str | os.PathLike] = (), auto_download: bool = False,
                     file: bool = False, allow_patterns: Sequence[str] = VERIFIER_FILE_PATTERNS,
-                    what: str = "verifier model") -> Path:
-    """The local path of other weights (verifier models): the models' search rules for a folder or one file.
+                    what: str = "verifier model", tqdm_class: Any = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local path of other weights (verifier models, MoVQGAN): the models' search rules for a folder or a file.
 
     ``spec`` is a local path, an ``owner/name`` repo (a folder) or, with ``file=True``, an
     ``owner/repo/path/in/repo`` file. Looked up as ``<search_dir>/<name>`` (``<search_dir>/<file name>``),
@@ -271,8 +256,8 @@ def resolve_weights(spec: str, *, search_dirs: Sequence[str | os.PathLike] = (),
 
     def fetch(**where: Any) -> Path:
         if file:
-            return Path(hf_hub_download(repo, inner, **where))
-        return Path(snapshot_download(repo, allow_patterns=list(allow_patterns), **where))
+            return Path(hf_hub_download(repo, inner, cache_dir=cache_dir, **where))
+        return Path(snapshot_download(repo, allow_patterns=list(allow_patterns), cache_dir=cache_dir, **where))
 
     try:  # a copy already in the Hugging Face cache
         return fetch(local_files_only=True)
@@ -285,7 +270,7 @@ def resolve_weights(spec: str, *, search_dirs: Sequence[str | os.PathLike] = (),
                             by_hand=f"run `huggingface-cli download {repo}{' ' + inner if inner else ''}`")
     logger.info("downloading %s to %s", spec, target or "the Hugging Face cache")
     try:
-        return fetch(local_dir=str(target) if target else None)
+        return fetch(local_dir=str(target) if target else None, tqdm_class=tqdm_class)
     except Exception as exc:
         raise _not_found(what, spec, searched, files, f"download failed: {exc}", target,
                          "Check the network and the repo id, or copy the files by hand.") from exc
