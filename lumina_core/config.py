@@ -5,7 +5,102 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from .errors import InputError, MissingFileError
+
+CONFIG_FILE = "config.json"
+
+# Whole-number fields: (smallest, largest) accepted. The upper bounds are far above any model this
+# architecture could be (the release: vocab 171385, hidden 4096, 32 layers, 10240 positions); they
+# catch a typo or a unit mistake (1e12) with a message instead of an allocation that fails later.
+_INT_RANGES = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 19),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096),
+    "max_position_embeddings": (1, 1 << 24),
+    "model_parallel_size": (1, 4096),
+}
+# Real-number fields: (low, high, whether low itself is allowed).
+_FLOAT_RANGES = {
+    "rms_norm_eps": (0.0, 1.0, False),
+    "rope_theta": (0.0, 1e12, False),
+    "dropout": (0.0, 1.0, True),
+    "z_loss_weight": (0.0, 1e3, True),
+    "initializer_range": (0.0, 1e3, True),
+}
+_BOOL_FIELDS = ("attention_bias", "mlp_bias")
+
+
+def config_problems(values: Mapping[str, Any]) -> list[str]:
+    """Every problem with these ModelConfig values (types, ranges, head divisibility); empty when valid."""
+    problems = []
+    for name, (low, high) in _INT_RANGES.items():
+        value = values.get(name)
+        # bool is an int in Python; true/false in a config is a mistake, never a size.
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            problems.append(f"{name} must be a whole number in {low}..{high}, got {value!r}")
+    for name, (low, high, low_allowed) in _FLOAT_RANGES.items():
+        value = values.get(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low <= value <= high if low_allowed else low < value <= high):
+            bracket = "[" if low_allowed else "("
+            problems.append(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(values.get(name), bool):
+            problems.append(f"{name} must be true or false, got {values.get(name)!r}")
+    if problems:  # the divisibility rules below need the sizes to be valid numbers
+        return problems
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    if values["hidden_size"] % heads:
+        problems.append(f"hidden_size {values['hidden_size']} is not divisible by num_attention_heads {heads}")
+    if heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if heads % values["model_parallel_size"]:
+        problems.append(f"num_attention_heads {heads} is not a multiple of model_parallel_size "
+                        f"{values['model_parallel_size']}")
+    return problems
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a checkpoint folder; a missing, non-UTF-8 or non-JSON file is an InputError naming it."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError(
+            f"no {CONFIG_FILE} in {Path(folder)}: a Lumina-mGPT 2.0 checkpoint folder holds config.json, "
+            "model.safetensors (or model-*.safetensors with model.safetensors.index.json), "
+            "tokenizer.json and tokenizer_config.json")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); "
+                         "expected the JSON config.json of a Hugging Face checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                         "expected the JSON config.json of a Hugging Face checkpoint") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object of model settings, found a JSON {type(data).__name__}")
+    return data
+
+
+def vocabulary_map_of(data: Mapping[str, Any], source: str | Path = CONFIG_FILE) -> dict[str, int] | None:
+    """config.json's `vocabulary_map` (token string -> id), checked; None when the file has none."""
+    vocabulary_map = data.get("vocabulary_map")
+    if vocabulary_map in (None, {}):
+        return None
+    if not isinstance(vocabulary_map, dict):
+        raise InputError(f"{source}: vocabulary_map must be an object {{token: id}}, "
+                         f"got a JSON {type(vocabulary_map).__name__}")
+    bad = [k for k, v in vocabulary_map.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise InputError(f"{source}: vocabulary_map ids must be whole numbers >= 0; "
+                         f"{bad[0]!r} maps to {vocabulary_map[bad[0]]!r}")
+    return vocabulary_map
 
 
 @dataclass(frozen=True)
@@ -29,17 +124,9 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
-        if self.num_attention_heads % self.model_parallel_size:
-            problems.append(f"num_attention_heads {self.num_attention_heads} is not a multiple of model_parallel_size {self.model_parallel_size}")
-        if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers) < 1:
-            problems.append("vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive")
+        problems = config_problems(dataclasses.asdict(self))
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise InputError("invalid ModelConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -55,12 +142,12 @@ class ModelConfig:
         }
         key = name.lower()
         if key not in presets:
-            raise ValueError(f"unknown preset {name!r}; allowed: {sorted(presets)}")
+            raise InputError(f"unknown preset {name!r}; allowed: {sorted(presets)}")
         return presets[key]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Read the fields we need from an official config.json dict; everything else is ignored."""
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "config.json") -> "ModelConfig":
+        """Read the fields we need from an official config.json dict (`source` names it in errors); the rest is ignored."""
         unsupported = []
         if data.get("hidden_act", "silu") != "silu":
             unsupported.append(f"hidden_act={data['hidden_act']!r} (only 'silu')")
@@ -69,7 +156,7 @@ class ModelConfig:
         if data.get("rope_scaling") not in (None, {}):
             unsupported.append(f"rope_scaling={data['rope_scaling']!r} (only none)")
         if unsupported:
-            raise ValueError("config.json asks for features Lumina-mGPT 2.0 does not use: " + ", ".join(unsupported))
+            raise InputError(f"{source} asks for features Lumina-mGPT 2.0 does not use: " + ", ".join(unsupported))
         # Absent fields take the official ChameleonConfig class defaults, exactly as the official loader does.
         official_defaults = {
             "vocab_size": 65536, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -79,24 +166,15 @@ class ModelConfig:
         }
         values = {name: data.get(name, default) for name, default in official_defaults.items()}
         values["num_key_value_heads"] = data.get("num_key_value_heads") or values["num_attention_heads"]
+        problems = config_problems(values)
+        if problems:
+            raise InputError(f"{source}: " + "; ".join(problems))
         return cls(**values)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ModelConfig":
         """Read `config.json` from an official HF-format checkpoint folder."""
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no config.json in {Path(folder)}: a Lumina-mGPT 2.0 checkpoint folder holds config.json, "
-                "model.safetensors (or model-*.safetensors with model.safetensors.index.json), "
-                "tokenizer.json and tokenizer_config.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(folder), Path(folder) / CONFIG_FILE)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The official config.json contents (ChameleonForConditionalGeneration) for this configuration."""

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input from the user; the message is one line: what, where, what is allowed."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file the user named, or that a model folder must hold, is not there (also a FileNotFoundError)."""

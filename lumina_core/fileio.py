@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then os.replace.
+"""Atomic file writes (a temp file in the destination folder, fsync, then os.replace) and the one
+safe reader of torch `.ckpt`/`.pt` files.
 
 Readers, other ranks and a crash mid-write see the old file or the new one, never half of one
 (checkpoints, caches, manifests, images). The temp file lives in the same folder so that
@@ -12,6 +13,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .errors import InputError
 
 
 def _file_mode() -> int:
@@ -25,15 +29,16 @@ _FILE_MODE = _file_mode()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path` for an API that writes a path itself; on success fsync it and
-    os.replace it onto `path`, on any error remove it. Creates the parent folder."""
+    os.replace it onto `path`, on any error remove it. Creates the parent folder. `mode`: the file's
+    permissions (default: what the umask gives a new file), set before anything is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, _FILE_MODE)  # outputs (images, models) readable like any other file the user writes
+    os.chmod(tmp, _FILE_MODE if mode is None else mode)  # by default readable like any file the user writes
     try:
         yield tmp
         # The writer has closed the file; flush it to disk before the rename makes it visible.
@@ -47,12 +52,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` atomically (see the module docstring)."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` atomically (see the module docstring), with permissions `mode` if given."""
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` encoded as UTF-8, atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text` encoded as UTF-8, atomically (permissions `mode` if given)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def load_torch_file(path: str | os.PathLike, expected: str) -> Any:
+    """`torch.load(weights_only=True)` onto the CPU; an empty, truncated, foreign or object-holding file
+    is an InputError that names it and says what was `expected` (the caller checks the file exists)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(f"{path} is empty (0 bytes: an interrupted copy or download?); expected {expected}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except InputError:
+        raise
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}; expected {expected}") from error
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message is a page of advice; the line naming the refused class is the news.
+        refused = next((line for line in lines if "Unsupported global" in line), None)
+        if refused:
+            raise InputError(f"{path} is not a plain tensor state dict: torch.load(weights_only=True) refused it "
+                             f"({refused}). We never unpickle arbitrary objects; expected {expected}") from error
+        raise InputError(f"{path} is not a PyTorch checkpoint (it does not unpickle as tensors); "
+                         f"expected {expected}") from error
+    except Exception as error:  # torch reports a bad file as RuntimeError, EOFError, KeyError, IndexError...
+        with open(path, "rb") as handle:
+            zip_archive = handle.read(4) == b"PK\x03\x04"
+        if zip_archive:
+            raise InputError(f"{path} is truncated or corrupted ({size} bytes; its zip archive cannot be read): "
+                             f"copy or download it again; expected {expected}") from error
+        raise InputError(f"{path} is not a PyTorch checkpoint (torch.load failed with {type(error).__name__}); "
+                         f"expected {expected}") from error

@@ -9,7 +9,6 @@ so the official file loads strictly and `save_movqgan` writes the same format ba
 from __future__ import annotations
 
 import os
-import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import atomic_path
+from .errors import InputError, MissingFileError
+from .fileio import atomic_path, load_torch_file
 
 
 @dataclass(frozen=True)
@@ -334,14 +334,14 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> MoVQConfig:
 
 
 _EXPECTED_LAYOUT = (
-    "a MoVQGAN 270M checkpoint (movqgan_270M.ckpt) is a flat OrderedDict of 431 float32 tensors named "
+    "a MoVQGAN 270M checkpoint (movqgan_270M.ckpt): a flat OrderedDict of 431 float32 tensors named "
     "'encoder.*', 'decoder.*', 'quantize.embedding.weight' [16384, 4], 'quant_conv.*', 'post_quant_conv.*'")
 
 
-def _layout_error(path: Path, missing: list[str], unexpected: list[str], note: str = "") -> ValueError:
+def _layout_error(path: Path, missing: list[str], unexpected: list[str], note: str = "") -> InputError:
     def few(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "") if names else "none"
-    return ValueError(f"{path} is not a MoVQGAN checkpoint{note}: missing keys: {few(missing)}; "
+    return InputError(f"{path} is not a MoVQGAN checkpoint{note}: missing keys: {few(missing)}; "
                       f"unexpected keys: {few(unexpected)}. Expected {_EXPECTED_LAYOUT}.")
 
 
@@ -350,17 +350,12 @@ def load_movqgan(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu
     """Load an official-format MoVQGAN checkpoint (flat tensor state dict) strictly, in eval mode."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"MoVQGAN checkpoint not found: {path} (expected movqgan_270M.ckpt)")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} is not a plain tensor state dict: torch.load(weights_only=True) refused it ({err}). "
-            f"We never unpickle arbitrary objects; expected {_EXPECTED_LAYOUT}.") from err
+        raise MissingFileError(f"MoVQGAN checkpoint not found: {path} (expected movqgan_270M.ckpt)")
+    state_dict = load_torch_file(path, _EXPECTED_LAYOUT)
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors (got {type(state_dict).__name__}). "
+        raise InputError(f"{path} does not hold a flat dict of tensors (got {type(state_dict).__name__}). "
                          f"Expected {_EXPECTED_LAYOUT}.")
     try:
         cfg = config_from_state_dict(state_dict)
@@ -381,7 +376,7 @@ def load_movqgan(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu
     wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if state_dict[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{path}: tensors with inconsistent shapes: {'; '.join(wrong[:5])}. Expected {_EXPECTED_LAYOUT}.")
+        raise InputError(f"{path}: tensors with inconsistent shapes: {'; '.join(wrong[:5])}. Expected {_EXPECTED_LAYOUT}.")
     model.load_state_dict(state_dict, strict=True, assign=True)  # takes the loaded tensors, no second copy
     return model.to(device=device, dtype=dtype).eval()
 

@@ -1,7 +1,6 @@
 """LuminaPipeline: transformer + MoVQGAN + tokenizer + token layout; request -> codes -> pixels."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +13,7 @@ from .sampling import SamplingConfig
 from .sampling.ar import decode_ar
 from .sampling.state import DecodeJob
 from .sampling.sjd import decode_sjd
-from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_text_tokenizer, prompt_ids
+from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_tokens, prompt_ids
 from .weights import load_transformer
 
 
@@ -95,13 +94,12 @@ class LuminaPipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         check_quant(quant, device, dtype)
         folder = Path(resolve_model(name_or_path, search_dirs=search_dirs, auto_download=auto_download))
-        # Quantized layer by layer as the weights stream in: the unquantized model never exists whole.
-        transformer = load_transformer(folder, dtype=dtype, device=device, quant=quant)
-        tokenizer = load_text_tokenizer(folder)
-        vocabulary_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocabulary_map")
-        layout = TokenLayout.from_tokenizer(tokenizer, vocabulary_map)
+        # The small parts first: a tokenizer or MoVQGAN of another model is refused before the big load.
         ckpt = Path(movqgan_path) if movqgan_path else find_movqgan(folder, auto_download)
         movqgan = load_movqgan(ckpt, device=device)
+        tokenizer, layout = load_tokens(folder, movqgan.config.n_embed, movqgan_source=str(ckpt))
+        # Quantized layer by layer as the weights stream in: the unquantized model never exists whole.
+        transformer = load_transformer(folder, dtype=dtype, device=device, quant=quant)
         step_fn = compile_step(transformer) if compile else None
         if cuda_graphs and device.type == "cuda":
             step_fn = CUDAGraphStep(step_fn or transformer.decode_step)

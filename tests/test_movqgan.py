@@ -177,3 +177,40 @@ def test_training_step_losses_finite_and_decreasing():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ------------------------------------------------------------------ bad files (issue 15 item 9) ------------
+
+from lumina_core.errors import InputError  # noqa: E402
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda raw: raw[: len(raw) // 2], "is truncated or corrupted"),  # RuntimeError of miniz before
+    (lambda raw: raw[:-100], "is truncated or corrupted"),
+    (lambda raw: b"e" * 4096, "is not a PyTorch checkpoint"),  # KeyError 101 / IndexError before
+    (lambda raw: b"<html><body>404 Not Found</body></html>", "is not a PyTorch checkpoint"),
+    (lambda raw: b"", "is empty (0 bytes"),  # a bare EOFError before
+], ids=["truncated_half", "truncated_tail", "garbage", "html_page", "empty"])
+def test_item9_broken_movqgan_ckpt_is_one_line_naming_it(tmp_path, make, says):
+    path = tmp_path / "movqgan_270M.ckpt"
+    path.write_bytes(make(TINY_CKPT.read_bytes()))
+    with pytest.raises(InputError) as err:
+        load_movqgan(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and says in message
+    assert "expected a MoVQGAN 270M checkpoint" in message
+
+
+def test_item9_refused_pickle_message_is_one_line(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"weights": NotATensor()}, path)
+    with pytest.raises(InputError) as err:
+        load_movqgan(path)
+    message = str(err.value)
+    assert "\n" not in message and "NotATensor" in message and "never unpickle" in message
+
+
+def test_item9_movqgan_folder_instead_of_file(tmp_path):
+    with pytest.raises(InputError, match="MoVQGAN checkpoint not found") as err:
+        load_movqgan(tmp_path)
+    assert isinstance(err.value, FileNotFoundError)

@@ -1,5 +1,7 @@
 """Token layout and image-token grammar on tiny real tokenizers built in the test."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +177,141 @@ def test_layout_on_a_qwen2_class_bpe_tokenizer(tmp_path):
     assert layout.bos == raw.token_to_id("<|endoftext|>")
     assert (layout.image_code_offset, layout.num_image_codes) == (raw.token_to_id("<MOVQGAN_00000>"), 8)
     assert prompt_ids(loaded, layout, "a red cat")[1:-1] == raw.encode("a red cat").ids
+
+
+# ------------------------------------------------------------------ bad files and mismatches (issue 15) ---
+
+from lumina_core.errors import InputError  # noqa: E402
+from lumina_core.hub import BUILTIN_MODELS  # noqa: E402
+from lumina_core.pipeline import LuminaPipeline  # noqa: E402
+from lumina_core.testing.checkpoints import write_tiny_checkpoint  # noqa: E402
+from lumina_core.tokens import check_model_match, load_tokens  # noqa: E402
+
+DEMO = BUILTIN_MODELS["demo"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", num_image_codes=NUM_CODES)
+
+
+@pytest.fixture
+def model_copy(tiny_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    return folder
+
+
+def _one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("tokenizer.json", b"\x00garbage{{", "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", b"", "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", b'{"added_tokens": [], "model": "\xe9"}', "tokenizer.json is not UTF-8 text"),
+    ("tokenizer.json", b'{"version": "1.0"}', "tokenizer.json is JSON but not a tokenizers file"),
+    ("tokenizer.json", b"[1, 2]", "tokenizer.json must hold a JSON object"),
+    ("tokenizer_config.json", b"{{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[]", "tokenizer_config.json must hold a JSON object"),
+])
+def test_item9_garbage_tokenizer_file_is_one_line_naming_it(model_copy, name, content, says):
+    (model_copy / name).write_bytes(content)
+    with pytest.raises(InputError) as error:
+        load_text_tokenizer(model_copy)
+    message = _one_line(error)
+    assert str(model_copy / name) in message and says in message and "expected the tokenizer.json" in message
+
+
+def test_item9_missing_tokenizer_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no tokenizer in") as error:
+        load_text_tokenizer(tmp_path)
+    assert isinstance(error.value, FileNotFoundError)
+
+
+def _with_tokenizer_of(folder, other):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(other / name, folder / name)
+
+
+def test_item11_tokenizer_larger_than_the_model_is_refused(model_copy):
+    # The tiny model has vocab_size = its tokenizer's 1xx tokens; the demo's tokenizer has 645.
+    _with_tokenizer_of(model_copy, DEMO)
+    vocab = json.loads((model_copy / "config.json").read_text())["vocab_size"]
+    with pytest.raises(InputError) as error:
+        load_tokens(model_copy)
+    message = _one_line(error)
+    assert f"has 645 tokens but {model_copy / 'config.json'} says vocab_size {vocab}" in message
+    with pytest.raises(InputError, match="do not belong to one model"):
+        LuminaPipeline.from_pretrained(model_copy, device="cpu")
+
+
+def test_item11_tokenizer_smaller_than_the_model_is_refused(tmp_path):
+    # The demo (vocab 645, vocabulary_map in its config.json) with the tiny model's tokenizer.
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    tiny = build_tokenizer(tmp_path / "tok", num_image_codes=NUM_CODES)
+    _with_tokenizer_of(folder, tmp_path / "tok")
+    with pytest.raises(InputError) as error:
+        load_tokens(folder)
+    message = _one_line(error)
+    assert f"has {len(tiny)} tokens but {folder / 'config.json'} says vocab_size 645" in message
+    assert "vocabulary_map" in message  # the special tokens disagree with config.json too
+
+
+def test_item11_special_token_disagreeing_with_vocabulary_map_is_named(model_copy):
+    tokenizer = load_text_tokenizer(model_copy)
+    vocab = tokenizer.get_vocab()
+    config = json.loads((model_copy / "config.json").read_text())
+    config["vocabulary_map"] = {**vocab, IMAGE_END: vocab[IMAGE_START]}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as error:
+        load_tokens(model_copy)
+    assert f"{IMAGE_END} is id {vocab[IMAGE_END]} in the tokenizer in {model_copy}" in _one_line(error)
+    config["vocabulary_map"] = vocab  # the map of its own tokenizer: accepted
+    (model_copy / "config.json").write_text(json.dumps(config))
+    assert load_tokens(model_copy)[1].image_start == vocab[IMAGE_START]
+
+
+def test_item11_movqgan_code_count_must_match_the_image_tokens(model_copy, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other", num_image_codes=2 * NUM_CODES)
+    ckpt = other / "movqgan.ckpt"
+    with pytest.raises(InputError) as error:
+        load_tokens(model_copy, movqgan_codes=2 * NUM_CODES, movqgan_source=str(ckpt))
+    assert f"{ckpt} has {2 * NUM_CODES} codes but the tokenizer in {model_copy} has {NUM_CODES} image tokens" \
+        in _one_line(error)
+    with pytest.raises(InputError, match=f"{2 * NUM_CODES} codes but the tokenizer"):
+        LuminaPipeline.from_pretrained(model_copy, device="cpu", movqgan_path=ckpt)
+    pipe = LuminaPipeline.from_pretrained(model_copy, device="cpu")  # its own MoVQGAN loads
+    assert pipe.layout.num_image_codes == pipe.movqgan.config.n_embed == NUM_CODES
+
+
+def test_item11_image_codes_past_the_embedding_are_refused(layout):
+    with pytest.raises(InputError, match="past the .* rows of the embedding"):
+        check_model_match(layout, tokenizer_size=layout.image_code_offset, vocab_size=layout.image_code_offset + 8)
+    check_model_match(layout, tokenizer_size=layout.image_code_offset + NUM_CODES,
+                      vocab_size=layout.image_code_offset + NUM_CODES + 1)  # one spare row, as the release
+
+
+def test_item11_the_demo_and_tiny_models_match_their_tokenizers(tiny_folder):
+    for folder in (DEMO, tiny_folder):
+        tokenizer, layout = load_tokens(folder)
+        assert layout.image_code_offset + layout.num_image_codes <= len(tokenizer)
+
+
+def test_issue16_item6_no_token_id_literal_in_the_package():
+    """The module docstring's promise: special ids come from token strings, never from literals."""
+    import io
+    import tokenize
+
+    official_ids = {151643, 151645, 151665, 151666, 151667, 151668, 151669, 151670, 155000, 171383, 171384}
+    package = Path(__file__).resolve().parents[1] / "lumina_core"
+    found = []
+    for path in package.rglob("*.py"):
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+            if token.type == tokenize.NUMBER and token.string.replace("_", "").isdigit() \
+                    and int(token.string.replace("_", "")) in official_ids:
+                found.append(f"{path.relative_to(package)}:{token.start[0]} {token.string}")
+    assert not found, found
