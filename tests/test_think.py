@@ -14,6 +14,7 @@ from lumina_core import think
 from lumina_core.think import ThinkConfig, parse_refinement, refine_prompt
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
+DRIP_BYTES, DRIP_S = 40, 0.25  # a 10 s answer whose every read is fast
 OTHER_SECRET = "sk-filekey-ABCDEF9876543210"
 
 
@@ -37,6 +38,19 @@ class ChatServer:
                 outer.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
                 if outer.behaviour == "slow":
                     time.sleep(1.5)
+                if outer.behaviour == "drip":  # headers at once, then one byte every DRIP_S seconds
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(DRIP_BYTES))
+                    self.end_headers()
+                    try:
+                        for _ in range(DRIP_BYTES):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(DRIP_S)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client gave up, as it should
+                    return
                 if outer.behaviour == "500":
                     self._send(500, {"error": {"message": "internal failure", "type": "server_error"}})
                     return
@@ -351,3 +365,91 @@ def test_local_fallback_model(tmp_path):
     think.unload_local_models()
     again = refine_prompt("a red cube", config)  # served from the cache, no model needed
     assert again.source == "cache" and again.prompt == "A glowing red cube"
+
+
+# ------------------------------------------------------------------ limits (issue 15 items 13-15) ------
+
+def test_item13_one_deadline_for_the_whole_call(server, tmp_path):
+    # Every read gets a byte within 0.25 s, so a per-read timeout never fires; the answer takes 10 s.
+    server.behaviour = "drip"
+    start = time.monotonic()
+    result = refine_prompt("a red cube", cfg(server, tmp_path, timeout=1.0))
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0 + 0.8, elapsed
+    assert result.source == "fallback" and result.prompt == "a red cube"
+    assert "Timeout" in result.warning and "within 1 s" in result.warning
+
+
+def test_item13_retries_share_the_deadline(server, tmp_path):
+    server.behaviour = "500"
+    start = time.monotonic()
+    result = refine_prompt("a red cube", cfg(server, tmp_path, timeout=1.0, max_retries=6))
+    assert time.monotonic() - start < 1.0 + 0.8  # the SDK's own back-off alone would wait 0.5+1+2+4+8+8 s
+    assert result.source == "fallback" and "InternalServerError" in result.warning
+    assert 1 < len(server.requests) < 7
+
+
+def test_item14_huge_answer_is_refused_and_not_cached(server, tmp_path):
+    server.content = "<results>" + "a red cube " * 200_000 + "</results>"  # 2.2 MB
+    result = refine_prompt("a red cube", cfg(server, tmp_path))
+    assert result.source == "fallback" and result.prompt == "a red cube"
+    assert "AnswerTooLarge" in result.warning and str(think.MAX_ANSWER_BYTES) in result.warning
+    assert not list((tmp_path / "think-cache").glob("*.json"))
+
+
+def test_item14_overlong_refined_prompt_is_refused_and_not_cached(server, tmp_path):
+    server.content = "<results>" + "a red cube " * 1000 + "</results>"  # 11 KB: fits the answer cap
+    result = refine_prompt("a red cube", cfg(server, tmp_path))
+    assert result.source == "fallback" and result.prompt == "a red cube"
+    assert f"more than the {think.MAX_PROMPT_CHARS} accepted" in result.warning
+    assert not list((tmp_path / "think-cache").glob("*.json"))
+    server.content = "<results>A red cube, soft light</results>"  # the next answer is fine: asked again
+    assert refine_prompt("a red cube", cfg(server, tmp_path)).source == "endpoint"
+    assert len(server.requests) == 2
+
+
+def test_item14_oversized_cache_record_is_a_miss(server, tmp_path):
+    config = cfg(server, tmp_path)
+    assert refine_prompt("a red cube", config).source == "endpoint"
+    (path,) = (tmp_path / "think-cache").glob("*.json")
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "prompt": "x" * (think.MAX_PROMPT_CHARS + 1)}))  # an older version's entry
+    again = refine_prompt("a red cube", config)
+    assert again.source == "endpoint" and again.prompt == record["prompt"] and len(server.requests) == 2
+    assert json.loads(path.read_text())["prompt"] == record["prompt"]  # replaced by the good answer
+
+
+def test_item15_cache_files_are_private(server, tmp_path):
+    result = refine_prompt("a red cube", cfg(server, tmp_path))
+    assert result.source == "endpoint"
+    (path,) = (tmp_path / "think-cache").glob("*.json")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_item15_key_file_readable_by_others_gets_a_warning(server, tmp_path, caplog):
+    port = server.httpd.server_address[1]
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({f"127.0.0.1:{port}": OTHER_SECRET}))
+    key_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="lumina_core.think"):
+        result = refine_prompt("a red cube", cfg(server, tmp_path, key_file=str(key_file), use_cache=False))
+    assert result.source == "endpoint"
+    assert f"key file {key_file} is accessible by other users (permissions 0644)" in result.warning
+    assert f"chmod 600 {key_file}" in caplog.text and OTHER_SECRET not in caplog.text + result.warning
+    key_file.chmod(0o600)
+    quiet = refine_prompt("a red cube", cfg(server, tmp_path, key_file=str(key_file), use_cache=False))
+    assert quiet.source == "endpoint" and quiet.warning == ""
+    assert server.requests[-1]["headers"]["authorization"] == f"Bearer {OTHER_SECRET}"
+
+
+def test_issue16_item5_think_is_a_package_split_by_idea():
+    import lumina_core.think as package
+
+    assert hasattr(package, "__path__")  # a package, not think.py
+    import importlib
+
+    for name in ("settings", "instructions", "keys", "client", "parse", "cache", "local", "refine"):
+        module = importlib.import_module(f"lumina_core.think.{name}")
+        assert len(open(module.__file__, encoding="utf-8").read().splitlines()) < 250, name
+    assert package.refine_prompt is importlib.import_module("lumina_core.think.refine").refine_prompt
