@@ -165,7 +165,9 @@ class ModelConfig:
             "mlp_bias": False, "dropout": 0.0, "z_loss_weight": 1e-5, "initializer_range": 0.02,
         }
         values = {name: data.get(name, default) for name, default in official_defaults.items()}
-        values["num_key_value_heads"] = data.get("num_key_value_heads") or values["num_attention_heads"]
+        # Absent (or null, as HF writes it) means one KV head per attention head; an explicit 0 is an error.
+        kv_heads = data.get("num_key_value_heads")
+        values["num_key_value_heads"] = values["num_attention_heads"] if kv_heads is None else kv_heads
         problems = config_problems(values)
         if problems:
             raise InputError(f"{source}: " + "; ".join(problems))

@@ -47,6 +47,7 @@ def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
     ("num_attention_heads", 0, "whole number in 1.."),  # ZeroDivisionError before
     ("hidden_size", True, "whole number in 1.."),  # bool is an int in Python, never a size
     ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),
+    ("num_key_value_heads", 0, "num_key_value_heads must be a whole number in 1.."),  # was taken as "absent"
     ("rms_norm_eps", -1e-5, "rms_norm_eps must be a number in (0, 1]"),
     ("rope_theta", float("nan"), "rope_theta must be a number"),
     ("attention_bias", "no", "attention_bias must be true or false"),

@@ -295,7 +295,7 @@ def test_item11_image_codes_past_the_embedding_are_refused(layout):
                       vocab_size=layout.image_code_offset + NUM_CODES + 1)  # one spare row, as the release
 
 
-def test_item11_the_demo_and_tiny_models_match_their_tokenizers(tiny_folder):
+def test_the_demo_and_tiny_models_match_their_tokenizers(tiny_folder):
     for folder in (DEMO, tiny_folder):
         tokenizer, layout = load_tokens(folder)
         assert layout.image_code_offset + layout.num_image_codes <= len(tokenizer)

@@ -157,12 +157,12 @@ def ask_endpoint(base_url: str, credentials: Credentials, config: ThinkConfig, p
         request["seed"] = config.seed
     if config.temperature is not None:
         request["temperature"] = config.temperature
+    client = make_client(base_url, credentials, http_client)  # importing the SDK is not the server's time
     deadline = _Deadline(config.timeout)
     cancelled = threading.Event()
     outcome: dict[str, Any] = {}
 
     def work() -> None:
-        client = make_client(base_url, credentials, http_client)
         try:
             outcome["body"] = _exchange(client, config, request, deadline, cancelled)
         except BaseException as error:  # handed to the caller's thread
