@@ -18,7 +18,7 @@ from lumina_core.tokens import TokenLayout, load_text_tokenizer
 from lumina_core.train import FitOptions, TokenDataset, causal_lm_loss, export_official, fit, make_sample, prepare
 from lumina_core.train import data as train_data
 from lumina_core.train.__main__ import main as cli_main
-from lumina_core.train.checkpoint import MODEL_FILE, latest_checkpoint
+from lumina_core.train.checkpoint import MODEL_FILE, checkpoint_tensor_names, latest_checkpoint, read_checkpoint_tensors
 
 WORDS = "a red fox blue sky green tree"
 GOOD_ITEMS = 8  # 6 t2i + 2 dual-panel
@@ -317,7 +317,8 @@ def cli_args(opts: FitOptions) -> list[str]:
             "--lr", str(opts.lr), "--min-lr", str(opts.min_lr), "--warmup-steps", str(opts.warmup_steps),
             "--micro-batch", str(opts.micro_batch), "--accum", str(opts.accum), "--max-seq-len", str(opts.max_seq_len),
             "--dropout", str(opts.dropout), "--precision", opts.precision, "--save-every", str(opts.save_every),
-            "--uncond-prob", str(opts.uncond_prob), "--seed", str(opts.seed), "--device", "cpu"]
+            "--uncond-prob", str(opts.uncond_prob), "--seed", str(opts.seed), "--clip-grad", str(opts.clip_grad),
+            "--device", "cpu"]
     return args
 
 
@@ -359,26 +360,40 @@ def test_sigterm_saves_then_resume_continues_exactly(setup, tmp_path):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-6), step
 
 
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a training checkpoint, full or sharded (official names)."""
+    return read_checkpoint_tensors(folder, list(checkpoint_tensor_names(folder)))
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(setup, tmp_path):
-    """2 FSDP ranks x micro-batch 1 == 1 process x 2 accumulation steps; then the 2-rank checkpoint resumes on 1."""
+    """2 FSDP ranks x micro-batch 1 == 1 process x 2 accumulation steps; the 2-rank checkpoint is sharded
+    (each rank wrote its shard), resumes on 1 process bit-identically and exports to the official layout."""
     import subprocess
     import sys
 
-    common = dict(steps=4, micro_batch=1, dropout=0.0, warmup_steps=1, save_every=2)
+    # Clipping off (its norm sums shards in another order); halving a sum is exact in binary floating point,
+    # so (g0 + g1) / 2 over 2 ranks equals g0 / 2 + g1 / 2 accumulated in one process, bit for bit.
+    common = dict(steps=4, micro_batch=1, dropout=0.0, warmup_steps=1, save_every=2, clip_grad=1e9)
     fit(fit_options(setup, tmp_path / "single", accum=2, **common))
     double = fit_options(setup, tmp_path / "fsdp", accum=1, **common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lumina_core.train", "fit", *cli_args(double), "--stop-after", "2"]
     done = subprocess.run(cmd, env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    state = json.loads((latest_checkpoint(tmp_path / "fsdp") / "trainer_state.json").read_text())
+    sharded = latest_checkpoint(tmp_path / "fsdp")
+    state = json.loads((sharded / "trainer_state.json").read_text())
     assert (state["step"], state["world_size"], state["global_batch"]) == (2, 2, 2)
-    weights = {}
-    for name in ("single", "fsdp"):
-        weights[name] = load_file(str(tmp_path / name / "checkpoints" / "step_0000002" / MODEL_FILE))
-    wa, wb = weights["single"], weights["fsdp"]
-    assert set(wa) == set(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    files = sorted(p.name for p in sharded.iterdir())
+    assert ".metadata" in files and "__0_0.distcp" in files and "__1_0.distcp" in files, files
+    assert MODEL_FILE not in files and "optimizer.pt" not in files  # nothing was gathered into one file
+    single_2 = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000002" / MODEL_FILE))
+    fsdp_2 = checkpoint_weights(sharded)
+    assert set(single_2) == set(fsdp_2) and all(torch.equal(single_2[k], fsdp_2[k]) for k in single_2)
+    # The sharded checkpoint exports to the official layout (read one output shard at a time).
+    export_official(sharded, tmp_path / "exported", dtype=torch.float32, max_shard_bytes=20_000)
+    exported = load_transformer(tmp_path / "exported", dtype=torch.float32).state_dict()
+    assert all(torch.equal(exported[k], single_2[k]) for k in single_2)
     # Steps 3-4: the 2-rank checkpoint continues in one process with the same global batch.
     fit(fit_options(setup, tmp_path / "fsdp", accum=2, **common))
     a, b = read_log(tmp_path / "single"), read_log(tmp_path / "fsdp")
@@ -389,7 +404,7 @@ def test_torchrun_two_processes_match_one_process(setup, tmp_path):
     assert a[4]["loss"] < a[1]["loss"]
     wa = load_file(str(latest_checkpoint(tmp_path / "single") / MODEL_FILE))
     wb = load_file(str(latest_checkpoint(tmp_path / "fsdp") / MODEL_FILE))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -120,50 +121,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def builtin_or_path(value: str | None) -> str | None:
+    """A packaged model's folder for its name ('demo'), else the value as given (a path)."""
+    from ..hub import BUILTIN_MODELS
+
+    return str(BUILTIN_MODELS[value]) if value in BUILTIN_MODELS else value
+
+
+def movqgan_file(value: str | None) -> str | None:
+    """--movqgan: a .ckpt, or a model folder ('demo' included) holding one."""
+    from ..pipeline import find_movqgan
+
+    path = builtin_or_path(value)
+    if path is not None and Path(path).is_dir() and any(Path(path).glob("movqgan*.ckpt")):
+        return str(find_movqgan(Path(path)))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one parsed sub-command; returns the exit status (raises InputError for bad input)."""
     if args.command == "prepare":
         from .data import prepare
 
-        summary = prepare(args.description, args.out, args.tokenizer, args.movqgan, target_size=args.target_size,
-                          shard_size=args.shard_size, max_seq_len=args.max_seq_len, device=args.device,
-                          progress=not args.no_progress, sizeless_prompt_prob=args.sizeless_prompt_prob,
-                          seed=args.seed)
+        summary = prepare(args.description, args.out, builtin_or_path(args.tokenizer), movqgan_file(args.movqgan),
+                          target_size=args.target_size, shard_size=args.shard_size, max_seq_len=args.max_seq_len,
+                          device=args.device, progress=not args.no_progress,
+                          sizeless_prompt_prob=args.sizeless_prompt_prob, seed=args.seed)
         print(f"prepare: {summary}")
         return 0
     if args.command == "fit":
-        from .distributed import shutdown_distributed
         from .loop import FitOptions, fit
 
         opts = FitOptions(
-            data=args.data, out=args.out, init_from=args.init_from, config=args.config, steps=args.steps,
-            epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+            data=args.data, out=args.out, init_from=builtin_or_path(args.init_from), config=args.config,
+            steps=args.steps, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, clip_grad=args.clip_grad, micro_batch=args.micro_batch,
             accum=args.accum, max_seq_len=args.max_seq_len, dropout=args.dropout,
             z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, group_by_length=args.group_by_length,
             precision=args.precision,
             grad_checkpointing=not args.no_grad_checkpointing, loss_chunk=args.loss_chunk, seed=args.seed,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
-            sample_prompt=args.sample_prompt, sample_size=args.sample_size, movqgan=args.movqgan, resume=args.resume,
-            device=args.device, stop_after=args.stop_after)
-        try:
-            result = fit(opts)
-        except BaseException:
-            shutdown_distributed(clean=False)
-            raise
-        shutdown_distributed()
+            sample_prompt=args.sample_prompt, sample_size=args.sample_size, movqgan=movqgan_file(args.movqgan),
+            resume=args.resume, device=args.device, stop_after=args.stop_after)
+        result = fit(opts)
         state = "interrupted, checkpoint saved" if result.interrupted else "done"
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fit: step {result.step}/{result.total_steps} ({state}); checkpoint {result.checkpoint}")
         return 0
     if args.command == "export":
-        from .checkpoint import export_official
+        from .export import export_official
 
         dtype = getattr(torch, args.dtype)
-        out = export_official(args.checkpoint, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1e9), movqgan=args.movqgan)
+        out = export_official(args.checkpoint, args.out, tokenizer_dir=builtin_or_path(args.tokenizer), dtype=dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 1e9), movqgan=movqgan_file(args.movqgan))
         print(f"export: wrote {out}")
         return 0
     if args.command == "vq":
@@ -179,6 +189,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vq: wrote {train_vq(opts)}")
         return 0
     raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; returns the process exit status (2 with a one-line message for bad input)."""
+    from ..errors import InputError
+    from .distributed import shutdown_distributed
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        status = run(args)
+    except InputError as e:
+        shutdown_distributed(clean=False)
+        parser.exit(2, f"error: {e}\n")
+    except OSError as e:  # a file the user named that cannot be opened (missing, permissions)
+        shutdown_distributed(clean=False)
+        where = f" {e.filename}" if e.filename else ""
+        parser.exit(2, f"error: {e.strerror or e}{':' + where if where else ''}\n")
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
+    return status
 
 
 if __name__ == "__main__":

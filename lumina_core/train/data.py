@@ -30,8 +30,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..fileio import atomic_path, atomic_write_text
 from ..errors import InputError
+from ..fileio import atomic_path, atomic_write_text
+from .files import writing
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +77,14 @@ def read_description(path: str | os.PathLike) -> list[dict[str, Any] | BadItem]:
     """Read a JSON list or JSONL file; undecodable JSONL lines come back as ``BadItem`` entries."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset description not found: {path}")
+        raise InputError(f"dataset description not found: {path}")
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} starts like a JSON list but is not valid JSON: {e}") from e
+            raise InputError(f"{path} starts like a JSON list but is not valid JSON: {e}") from None
         return list(data)
     entries: list[dict[str, Any] | BadItem] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -152,12 +153,18 @@ class Tokenizing:
     seed: int = 0
 
     def crop_sizes(self, dual_panel: bool) -> list[tuple[int, int]]:
-        """Official training crop list (w, h); a dual-panel item uses panels of half the area each."""
+        """Official training crop list (w, h) that the tokenizer's size tokens can express; a dual-panel
+        item uses panels of half the area each (stacked: twice the height)."""
         from ..images import generate_crop_size_list
         from ..tokens import GRID_PIXELS
 
         patches = (self.target_size // GRID_PIXELS) ** 2
-        return generate_crop_size_list(patches // 2 if dual_panel else patches, GRID_PIXELS)
+        sizes = generate_crop_size_list(patches // 2 if dual_panel else patches, GRID_PIXELS)
+        # A small tokenizer (the demo's: 8 grids a side) cannot write the widest official crops: an
+        # item given one would fail after encoding, so such crops are never chosen.
+        height_factor = 2 if dual_panel else 1
+        return [(w, h) for w, h in sizes
+                if max(w, h * height_factor) // GRID_PIXELS <= self.layout.max_grids]
 
 
 def _open_image(path: str) -> "Any":
@@ -197,6 +204,10 @@ def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
         crop = var_center_crop(upper, tk.crop_sizes(spec.dual_panel))
         panel = crop.size
         width, height = panel[0], panel[1] * (2 if spec.dual_panel else 1)
+    if max(width, height) // GRID_PIXELS > tk.layout.max_grids:  # checked before the (slow) encoding
+        raise BadItem("size_off_grid", f"item {item.item_id}: {width}x{height} needs more than the "
+                                       f"{tk.layout.max_grids} grids a side the tokenizer has size tokens for",
+                      item.image)
     try:
         # The request validates the size (grid, dual-panel split) and writes the prompt exactly as inference does.
         request = Request(task=item.task, prompt=item.prompt, width=width, height=height,
@@ -248,10 +259,16 @@ def load_index(out_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``index.json`` of a prepared data folder."""
     path = Path(out_dir) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {INDEX_FILE} in {out_dir}: run `python -m lumina_core.train prepare` first")
-    index = json.loads(path.read_text(encoding="utf-8"))
-    if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"{path} has index version {index.get('version')}, this code reads {INDEX_VERSION}")
+        what = "does not exist" if not Path(out_dir).is_dir() else f"has no {INDEX_FILE}"
+        raise InputError(f"{out_dir} {what}: it is not a folder written by `prepare`; run `python -m "
+                         f"lumina_core.train prepare DESCRIPTION --out {out_dir} ...` first")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not readable JSON ({e}); run `prepare` again into a new folder") from None
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+        version = index.get("version") if isinstance(index, dict) else None
+        raise InputError(f"{path} has index version {version}, this code reads {INDEX_VERSION}")
     return index
 
 
@@ -282,18 +299,33 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
     from ..movqgan import load_movqgan
     from ..tokens import TokenLayout, load_text_tokenizer
 
+    from ..tokens import GRID_PIXELS
+
     description = Path(description).resolve()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that can be checked before minutes of encoding is checked first.
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise InputError(f"--tokenizer {tokenizer_dir}: no tokenizer.json there; give the model folder "
+                         "(it holds tokenizer.json and tokenizer_config.json)")
+    if not Path(movqgan_path).is_file():
+        raise InputError(f"--movqgan {movqgan_path}: no such file; give the MoVQGAN checkpoint (movqgan_270M.ckpt)")
+    if target_size < GRID_PIXELS or target_size % GRID_PIXELS:
+        raise InputError(f"--target-size {target_size}: must be a positive multiple of {GRID_PIXELS}")
     entries = read_description(description)
+    if not entries:
+        raise InputError(f"{description} lists no items")
     index_path = out / INDEX_FILE
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     if index_path.is_file():
         index = load_index(out)
         if index["description"] != str(description):
-            raise ValueError(f"{out} already holds data prepared from {index['description']}; "
+            raise InputError(f"{out} already holds data prepared from {index['description']}; "
                              f"use another output folder for {description}")
-        logger.info("resuming prepare at item %d of %d (settings of the first run: target size %d)",
-                    index["items_done"], len(entries), index["target_size"])
+        if index["target_size"] != target_size:
+            raise InputError(f"{out} was prepared with --target-size {index['target_size']}, this run asks for "
+                             f"{target_size}: use the same size to resume, or another --out")
+        logger.info("resuming prepare at item %d of %d", index["items_done"], len(entries))
     else:
         index = {"version": INDEX_VERSION, "description": str(description), "target_size": target_size,
                  "sizeless_prompt_prob": sizeless_prompt_prob, "seed": seed,
@@ -301,15 +333,21 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
     # A copy of the tokenizer travels with the data, so `fit`/`export` know the exact vocabulary used.
     tok_copy = out / TOKENIZER_DIR
     tok_copy.mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).is_file() and not (tok_copy / name).is_file():
-            shutil.copy2(Path(tokenizer_dir) / name, tok_copy / name)
     tokenizer = load_text_tokenizer(tokenizer_dir)
     layout = TokenLayout.from_tokenizer(tokenizer)
+    if target_size // GRID_PIXELS > layout.max_grids:
+        raise InputError(f"--target-size {target_size} makes crops of {target_size // GRID_PIXELS} grids a side; "
+                         f"the tokenizer in {tokenizer_dir} has size tokens up to {layout.max_grids} "
+                         f"({layout.max_grids * GRID_PIXELS} px): use --target-size {layout.max_grids * GRID_PIXELS} "
+                         "or less")
     movq = load_movqgan(movqgan_path, device=device)
     if movq.config.n_embed != layout.num_image_codes:
-        raise ValueError(f"MoVQGAN has {movq.config.n_embed} codes but the tokenizer has {layout.num_image_codes} "
-                         "image tokens; they must match")
+        raise InputError(f"MoVQGAN {movqgan_path} has {movq.config.n_embed} codes but the tokenizer in "
+                         f"{tokenizer_dir} has {layout.num_image_codes} image tokens; give the pair made together")
+    with writing(tok_copy):
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file() and not (tok_copy / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, tok_copy / name)
     tk = Tokenizing(tokenizer, layout, movq, target_size=index["target_size"], max_seq_len=max_seq_len,
                     sizeless_prompt_prob=index.get("sizeless_prompt_prob", 0.0), seed=index.get("seed", 0))
     bad_log = out / BAD_ITEMS_FILE
@@ -321,7 +359,8 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
         # Shard first, then the bad-item lines, then the index: the index only ever names complete shards.
         if pending:
             name = f"shard-{len(index['shards']):05d}.safetensors"
-            n_tokens = _write_shard(out / name, pending)
+            with writing(out / name):
+                n_tokens = _write_shard(out / name, pending)
             index["shards"].append({"file": name, "records": len(pending), "tokens": n_tokens})
             index["num_records"] += len(pending)
             index["num_tokens"] += n_tokens
@@ -331,7 +370,8 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                     f.write(json.dumps(entry) + "\n")
                     index["bad_by_kind"][entry["kind"]] = index["bad_by_kind"].get(entry["kind"], 0) + 1
         index["items_done"] = items_done
-        atomic_write_text(index_path, json.dumps(index, indent=1))
+        with writing(index_path):
+            atomic_write_text(index_path, json.dumps(index, indent=1))
         pending.clear()
         pending_bad.clear()
 
@@ -358,8 +398,36 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
     summary = PrepareSummary(items=len(entries), written=index["num_records"], bad=bad,
                              bad_by_kind=dict(index["bad_by_kind"]), tokens=index["num_tokens"],
                              shards=len(index["shards"]))
+    if summary.written == 0:
+        # Nothing to train on: a failure, and the index goes so that a fixed rerun starts over.
+        index_path.unlink()
+        raise InputError(f"prepare wrote none of the {summary.items} items ({summary.bad} skipped: "
+                         f"{', '.join(f'{k} {v}' for k, v in sorted(summary.bad_by_kind.items()))}); "
+                         f"{_fix_for(out / BAD_ITEMS_FILE)}")
     logger.info("prepare done: %s", summary)
     return summary
+
+
+# What to do about the most common reason nothing was written, by BadItem kind.
+_FIXES = {
+    "size_off_grid": "images need at least 32 px a side and sizes the tokenizer can write: use smaller "
+                     "images' sizes, a smaller --target-size, or fix width/height",
+    "missing_file": "image paths are relative to the description file: check them",
+    "unreadable_image": "the image files are not images PIL can read: convert them (PNG, JPEG)",
+    "too_long": "raise --max-seq-len or use a smaller --target-size",
+}
+
+
+def _fix_for(bad_log: Path) -> str:
+    """The first recorded reason and what to do about the most common kind (from bad_items.jsonl)."""
+    entries = [json.loads(line) for line in bad_log.read_text(encoding="utf-8").splitlines()] \
+        if bad_log.is_file() else []
+    if not entries:
+        return f"see {bad_log}"
+    kinds = [e["kind"] for e in entries]
+    common = max(set(kinds), key=kinds.count)
+    fix = _FIXES.get(common, "fix the items listed there")
+    return f"first: {entries[0]['reason']}; {fix} (all reasons in {bad_log})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +455,7 @@ class TokenDataset:
             prompt_lengths.append(handle.get_tensor("prompt_lengths"))
             shard_of.append(torch.full((len(shard_offsets) - 1,), number, dtype=torch.int64))
         if not offsets:
-            raise ValueError(f"{self.folder} holds no usable records (see {BAD_ITEMS_FILE})")
+            raise InputError(f"{self.folder} holds no usable records (see {BAD_ITEMS_FILE}); run `prepare` again")
         self.spans = torch.cat(offsets)           # [N, 2] start/end inside the record's shard
         self.shard_of = torch.cat(shard_of)
         self.prompt_lengths = torch.cat(prompt_lengths)

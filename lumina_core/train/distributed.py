@@ -90,6 +90,15 @@ def gather_objects(obj: object, info: DistInfo) -> list[object]:
     return out
 
 
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (unchanged for a single process)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard_model(module: nn.Module, layers: nn.ModuleList, mixed_precision: torch.dtype | None) -> nn.Module:
     """FSDP2: one `fully_shard` unit per decoder layer, then the root (embeddings, final norm, lm_head).
 

@@ -30,14 +30,18 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import LuminaTransformer, build_transformer
-from .checkpoint import (latest_checkpoint, load_checkpoint, load_full_model_state, read_official_weights,
-                         save_checkpoint)
+from ..errors import InputError
+from ..fileio import atomic_path, atomic_write_text
+from .checkpoint import (choose_resume, load_checkpoint, load_full_model_state, read_official_weights,
+                         save_checkpoint, set_aside, start_run_folder)
 from .data import IGNORE_INDEX, SampleOrder, TokenDataset, collate, global_batch_positions, make_sample, \
     rank_micro_batches
-from .distributed import DistInfo, all_reduce_mean, any_rank, init_distributed, shard_model
+from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shard_model
+from .files import writing
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "log.jsonl"
+PRECISIONS = ("bf16", "fp32")   # bf16: autocast over float32 master weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +133,20 @@ class FitOptions:
     device: str | None = None
     stop_after: int | None = None         # leave after this many steps (for tests and time-boxed jobs)
 
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "accum", "max_seq_len", "save_every", "log_every", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.uncond_prob <= 1.0:
+            raise InputError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
+        if (self.init_from is None) == (self.config is None):
+            raise InputError("fit needs exactly one of --init-from (an official checkpoint folder) or --config "
+                             "(config.json or a preset)")
+        if (self.steps is None) == (self.epochs is None):
+            raise InputError("fit needs exactly one of --steps or --epochs")
+
 
 # --------------------------------------------------------------------------------------------
 # Schedule, optimizer, model
@@ -158,7 +176,7 @@ def model_config(opts: FitOptions) -> ModelConfig:
     """The architecture: from the init checkpoint, a config.json, or a preset; with training overrides."""
     if opts.init_from:
         cfg = ModelConfig.from_pretrained(opts.init_from)
-    elif opts.config:
+    else:
         path = Path(opts.config)
         if path.is_dir():
             cfg = ModelConfig.from_pretrained(path)
@@ -166,8 +184,6 @@ def model_config(opts: FitOptions) -> ModelConfig:
             cfg = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
         else:
             cfg = ModelConfig.preset(opts.config)
-    else:
-        raise ValueError("fit needs --init-from (an official checkpoint folder) or --config (config.json or a preset)")
     return dataclasses.replace(cfg, dropout=opts.dropout, z_loss_weight=opts.z_loss_weight)
 
 
@@ -236,13 +252,6 @@ class FitResult:
 
 def fit(opts: FitOptions) -> FitResult:
     """Train; returns after `steps`, after `stop_after`, or after a SIGTERM (checkpoint saved in each case)."""
-    for name in ("micro_batch", "accum", "max_seq_len", "save_every", "log_every", "loss_chunk"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
-    if opts.precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {opts.precision!r}")
-    if not 0.0 <= opts.uncond_prob <= 1.0:
-        raise ValueError(f"uncond_prob must lie in [0, 1], got {opts.uncond_prob}")
     info = init_distributed(opts.device)
     dataset = TokenDataset(opts.data)
     tokenizer_dir = str(dataset.tokenizer_dir) if (dataset.tokenizer_dir / "tokenizer.json").is_file() else (
@@ -251,37 +260,39 @@ def fit(opts: FitOptions) -> FitResult:
         _check_same_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, Path(opts.init_from))
     cfg = model_config(opts)
     global_batch = opts.micro_batch * opts.accum * info.world_size
-    if opts.steps is not None:
-        total_steps = opts.steps
-    elif opts.epochs is not None:
-        total_steps = math.ceil(opts.epochs * len(dataset) / global_batch)
-    else:
-        raise ValueError("give --steps or --epochs")
+    total_steps = opts.steps if opts.steps is not None else math.ceil(opts.epochs * len(dataset) / global_batch)
     order = SampleOrder(len(dataset), opts.seed, opts.uncond_prob,
                         lengths=dataset.lengths() if opts.group_by_length else None, group_size=global_batch)
     out = Path(opts.out)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    resume_from = None
-    if opts.resume == "auto":
-        resume_from = latest_checkpoint(out)
-    elif opts.resume != "never":
-        resume_from = Path(opts.resume)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        start_run_folder(out)
+    resume = choose_resume(out, opts.resume)  # every rank reads the same files and picks the same folder
+    barrier(info)
+    if info.is_main:
+        if resume.note:
+            logger.warning("%s", resume.note)
+        set_aside(resume.damaged)
     torch.manual_seed(opts.seed + info.rank)
-    module = build_training_module(cfg, opts, info, initial=resume_from is None)
+    module = build_training_module(cfg, opts, info, initial=resume.folder is None)
+    # LoRA (train/lora.py) wraps the model here: before the optimizer collects its trainable parameters.
     optimizer = make_optimizer(module, opts)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, opts, total_steps) / opts.lr)
     step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, scheduler, info)
+    if resume.folder is not None:
+        state = load_checkpoint(resume.folder, module, optimizer, scheduler, info)
         if state["global_batch"] != global_batch:
-            raise ValueError(f"{resume_from} was trained with a global batch of {state['global_batch']} samples; "
+            raise InputError(f"{resume.folder} was trained with a global batch of {state['global_batch']} samples; "
                              f"this run has {global_batch} (micro_batch x accum x world_size). Keep it equal "
                              "so the data position means the same")
         step = state["step"]
         if info.is_main:
-            logger.info("resumed from %s at step %d", resume_from, step)
+            logger.info("resumed from %s at step %d", resume.folder, step)
+    log_file = out / LOG_FILE
+    if info.is_main:
+        trim_log(log_file, step)
+    sampler = sample_pipeline(module, opts, info, tokenizer_dir) if opts.sample_every else None
 
 
     def trainer_state() -> dict[str, Any]:
@@ -298,7 +309,6 @@ def fit(opts: FitOptions) -> FitResult:
     losses: list[float] = []
     interrupted = False
     saved: Path | None = None
-    log_file = out / LOG_FILE
     end_step = total_steps if opts.stop_after is None else min(total_steps, step + opts.stop_after)
     try:
         while step < end_step:
@@ -332,16 +342,17 @@ def fit(opts: FitOptions) -> FitResult:
                 record = {"step": step, "loss": float(means[0]), "ce": float(means[1]), "z": float(means[2]),
                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
                           "epoch": order.epoch_of(step * global_batch)}
-                with open(log_file, "a", encoding="utf-8") as f:
+                with writing(log_file), open(log_file, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 logger.info("step %d/%d loss %.4f (ce %.4f, z %.2f) lr %.3g grad %.3g %.0f tok/s", step,
                             total_steps, record["loss"], record["ce"], record["z"], lr, record["grad_norm"],
                             record["tokens_per_s"])
-            if opts.sample_every and step % opts.sample_every == 0:
-                write_samples(module, opts, info, tokenizer_dir, step)
+            if sampler is not None and step % opts.sample_every == 0:
+                write_samples(sampler, module, opts, info, step)
             stop = any_rank(stopper.requested, info)
             if stop or step % opts.save_every == 0 or step == end_step:
-                saved = save_checkpoint(out, module, optimizer, scheduler, trainer_state(), info, opts.keep)
+                saved = save_checkpoint(out, module, optimizer, scheduler, trainer_state(), info, opts.keep,
+                                        prunable=resume.prunable)
             if stop:
                 interrupted = True
                 break
@@ -357,30 +368,58 @@ def _check_same_tokenizer(data_tokenizer: Path | None, model_folder: Path) -> No
     if data_tokenizer is None or not model_file.is_file():
         return
     if (data_tokenizer / "tokenizer.json").read_bytes() != model_file.read_bytes():
-        raise ValueError(f"the data in {data_tokenizer.parent} was prepared with another tokenizer than the one in "
+        raise InputError(f"the data in {data_tokenizer.parent} was prepared with another tokenizer than the one in "
                          f"{model_folder}; run `prepare --tokenizer {model_folder}` again")
 
 
-def write_samples(module: TrainingModule, opts: FitOptions, info: DistInfo, tokenizer_dir: str | None,
-                  step: int) -> Path | None:
+def trim_log(log_file: Path, step: int) -> None:
+    """Drop log records past `step` (steps a killed run logged after its last checkpoint, now redone)."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue  # a line cut short by a kill
+        if record_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        with writing(log_file):
+            atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+
+
+def sample_pipeline(module: TrainingModule, opts: FitOptions, info: DistInfo, tokenizer_dir: str | None):
+    """A LuminaPipeline around the live transformer for image samples: MoVQGAN and tokenizer loaded once."""
+    from ..movqgan import load_movqgan
+    from ..pipeline import LuminaPipeline, find_movqgan
+    from ..tokens import TokenLayout, load_text_tokenizer
+
+    if tokenizer_dir is None:
+        raise InputError("image samples (--sample-every) need the tokenizer; the data folder has no tokenizer/ copy")
+    movq_path = Path(opts.movqgan) if opts.movqgan else find_movqgan(Path(opts.init_from or opts.data))
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    # The starting config's vocabulary_map locates the image codes as inference does (pipeline.from_pretrained).
+    config_file = Path(opts.init_from or opts.config or "") / "config.json"
+    if opts.config and Path(opts.config).is_file():
+        config_file = Path(opts.config)
+    vocabulary_map = json.loads(config_file.read_text(encoding="utf-8")).get("vocabulary_map") \
+        if config_file.is_file() else None
+    return LuminaPipeline(module.transformer, load_movqgan(movq_path, device=info.device), tokenizer,
+                          TokenLayout.from_tokenizer(tokenizer, vocabulary_map))
+
+
+def write_samples(pipe, module: TrainingModule, opts: FitOptions, info: DistInfo, step: int) -> Path | None:
     """Sample one image with the current weights into `<out>/samples/step_NNNNNNN.png` (collective under FSDP).
 
     Goes through `LuminaPipeline.generate` (the inference sampler) with the live transformer; under
     FSDP every rank runs the same seeded decode, the root parameters gathered for its duration.
     """
     from ..images import tensor_to_pil
-    from ..movqgan import load_movqgan
-    from ..pipeline import LuminaPipeline, find_movqgan
     from ..request import Request
     from ..sampling import SamplingConfig
-    from ..tokens import TokenLayout, load_text_tokenizer
 
-    if tokenizer_dir is None:
-        raise ValueError("image samples need the tokenizer; the data folder has no tokenizer/ copy")
-    movq_path = Path(opts.movqgan) if opts.movqgan else find_movqgan(Path(opts.init_from or opts.data))
-    tokenizer = load_text_tokenizer(tokenizer_dir)
-    pipe = LuminaPipeline(module.transformer, load_movqgan(movq_path, device=info.device), tokenizer,
-                          TokenLayout.from_tokenizer(tokenizer))
     request = Request(task="t2i", prompt=opts.sample_prompt, width=opts.sample_size, height=opts.sample_size)
     sharded = hasattr(module, "unshard")
     module.eval()
@@ -397,9 +436,8 @@ def write_samples(module: TrainingModule, opts: FitOptions, info: DistInfo, toke
         module.train()
     if not info.is_main:
         return None
-    folder = Path(opts.out) / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.png"
-    tensor_to_pil(image.float().cpu()).save(path)
+    path = Path(opts.out) / "samples" / f"step_{step:07d}.png"
+    with writing(path), atomic_path(path) as tmp:
+        tensor_to_pil(image.float().cpu()).save(tmp, format="PNG")
     logger.info("sample written to %s", path)
     return path
