@@ -41,6 +41,7 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     os.chmod(tmp, _FILE_MODE if mode is None else mode)  # by default readable like any file the user writes
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)  # again: some writers (safetensors) replace the file with a 0600 one
         # The writer has closed the file; flush it to disk before the rename makes it visible.
         # "r+b" because Windows cannot fsync a read-only handle.
         with open(tmp, "r+b") as handle:

@@ -467,3 +467,250 @@ def test_train_vq_also_learns_stacked_dual_panel_pairs(setup, tmp_path, one_thre
     opts = VQOptions(images=str(setup["description"]), out=str(tmp_path / "run"), steps=3, size=32, batch=2,
                      ch=32, ch_mult=(1, 1, 1, 1), n_embed=16, reset_dead_every=0, pair_fraction=1.0)
     assert train_vq(opts).is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and faults (issue 15 items 5-8): one line and exit 2, resume from what is intact
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of `python -m lumina_core.train ARGV`, in this process."""
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and " INFO " not in line and " WARNING " not in line]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def bad_input_cases(setup, tmp_path) -> dict[str, tuple[list[str], str]]:
+    """Case -> (argv, a phrase the message must hold)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("hello")
+    model, movq = str(setup["model"]), str(setup["model"] / TINY_MOVQGAN_FILE)
+    fit_args = ["fit", "--out", str(tmp_path / "run"), "--init-from", model, "--steps", "1"]
+    return {
+        "fit --data on an empty folder": (fit_args + ["--data", str(empty)], "not a folder written by `prepare`"),
+        "fit --data that does not exist": (fit_args + ["--data", str(tmp_path / "nowhere")], "does not exist"),
+        "fit --micro-batch 0": (fit_args + ["--data", str(setup["prep"]), "--micro-batch", "0"], "micro_batch"),
+        "fit --resume a folder that is no checkpoint": (
+            fit_args + ["--data", str(setup["prep"]), "--resume", str(not_a_run)], "cannot resume from it"),
+        "export of a folder that is not a run": (["export", str(not_a_run), "--out", str(tmp_path / "x")],
+                                                 "is not a training checkpoint"),
+        "export of a path that does not exist": (["export", str(tmp_path / "gone"), "--out", str(tmp_path / "x")],
+                                                 "does not exist"),
+        "prepare --tokenizer nowhere": (["prepare", str(setup["description"]), "--out", str(tmp_path / "p"),
+                                         "--tokenizer", "nowhere", "--movqgan", movq], "no tokenizer.json"),
+        "prepare --movqgan missing": (["prepare", str(setup["description"]), "--out", str(tmp_path / "p"),
+                                       "--tokenizer", model, "--movqgan", str(tmp_path / "m.ckpt")], "no such file"),
+        "prepare with the demo's tokenizer and a tiny MoVQGAN": (
+            ["prepare", str(setup["description"]), "--out", str(tmp_path / "p"), "--tokenizer", "demo",
+             "--movqgan", movq, "--target-size", "64"], "give the pair made together"),
+        "vq on an empty folder": (["vq", str(empty), "--out", str(tmp_path / "vq")], "no images found"),
+    }
+
+
+def test_issue15_item5_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys):
+    for case, (argv, phrase) in bad_input_cases(setup, tmp_path).items():
+        line = assert_one_line_error(*run_cli(argv, capsys))
+        assert phrase in line, (case, line)
+
+
+def test_issue15_item5_prepare_takes_the_demo_by_name(setup, tmp_path, capsys):
+    code, err = run_cli(["prepare", str(setup["description"]), "--out", str(tmp_path / "p"), "--tokenizer", "demo",
+                         "--movqgan", "demo", "--target-size", "64", "--no-progress"], capsys)
+    assert code == 0, err
+    assert len(TokenDataset(tmp_path / "p")) == GOOD_ITEMS
+
+
+def limited_file_size_run(argv: list[str], limit: int, cwd: Path):
+    """Run the CLI with a file-size limit: every write past `limit` bytes fails as on a full disk."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_writes():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    # Python ignores SIGXFSZ, so the write returns EFBIG, as ENOSPC comes back from a full disk.
+    return subprocess.run([sys.executable, "-m", "lumina_core.train", *argv], env=child_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=180, preexec_fn=limit_writes)
+
+
+def test_issue15_item5_full_disk_is_one_line_and_exit_2(setup, straight_run, tmp_path):
+    model_bytes = (latest_checkpoint(straight_run[0]) / MODEL_FILE).stat().st_size
+    # The weights fit, the optimizer state (twice their size) does not: torch's own zip writer fails
+    # ("[enforce fail at inline_container.cc:672] unexpected pos"), as it does on a full disk.
+    argv = ["fit", *cli_args(fit_options(setup, tmp_path / "run", steps=1))]
+    done = limited_file_size_run(argv, int(model_bytes * 1.2), tmp_path)
+    line = assert_one_line_error(done.returncode, done.stderr)
+    assert "optimizer.pt" in done.stderr or ".tmp" in line, line
+    assert "the disk took no more bytes" in line and "GiB free" in line, line
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_*")), "the failed save left its temp folder"
+    # The export's shards (safetensors' writer) fail the same way.
+    done = limited_file_size_run(["export", str(straight_run[0]), "--out", str(tmp_path / "exp"), "--dtype",
+                                  "float32"], model_bytes // 2, tmp_path)
+    line = assert_one_line_error(done.returncode, done.stderr)
+    assert str(tmp_path / "exp") in line and "the disk took no more bytes" in line, line
+
+
+def test_issue15_item6_prepare_checks_the_target_size_before_encoding(setup, tmp_path, capsys, monkeypatch):
+    def never(*args):
+        raise AssertionError("encoding started although the settings could not work")
+
+    monkeypatch.setattr(train_data, "tokenize_item", never)
+    # The tiny tokenizer has size tokens up to 16 grids (512 px); 768 needs 24.
+    code, err = run_cli(["prepare", str(setup["description"]), "--out", str(tmp_path / "p"), "--tokenizer",
+                         str(setup["model"]), "--movqgan", str(setup["model"] / TINY_MOVQGAN_FILE),
+                         "--target-size", "768", "--no-progress"], capsys)
+    line = assert_one_line_error(code, err)
+    assert "--target-size 768" in line and "use --target-size 512 or less" in line, line
+    assert not (tmp_path / "p" / "index.json").exists()
+
+
+def test_issue15_item6_prepare_that_writes_nothing_fails_with_the_reason_and_the_fix(setup, tmp_path, capsys):
+    description = tmp_path / "thin.json"
+    description.write_text(json.dumps([{"prompt": "thin", "image": str(setup["root"] / "thin.png")}] * 3))
+    code, err = run_cli(["prepare", str(description), "--out", str(tmp_path / "p"), "--tokenizer",
+                         str(setup["model"]), "--movqgan", str(setup["model"] / TINY_MOVQGAN_FILE),
+                         "--target-size", "64", "--no-progress"], capsys)
+    line = assert_one_line_error(code, err)
+    assert "wrote none of the 3 items" in line and "size_off_grid 3" in line, line
+    assert "smaller than one 32-px grid" in line and "images need at least 32 px" in line, line
+    assert not (tmp_path / "p" / "index.json").exists()  # a fixed rerun starts over instead of resuming "done"
+
+
+@pytest.fixture
+def three_checkpoints(setup, tmp_path):
+    """A 6-step run (the straight run's settings) saved at steps 2, 4 and 6."""
+    out = tmp_path / "run"
+    fit(fit_options(setup, out, save_every=2, keep=3))
+    assert [p.name for p in sorted((out / "checkpoints").glob("step_*"))] == \
+        ["step_0000002", "step_0000004", "step_0000006"]
+    return out
+
+
+def final_weights_equal(run: Path, straight: Path) -> bool:
+    a = load_file(str(latest_checkpoint(run) / MODEL_FILE))
+    b = load_file(str(latest_checkpoint(straight) / MODEL_FILE))
+    return max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_issue15_item7_resume_auto_past_a_latest_pointer_to_a_missing_folder(setup, straight_run, three_checkpoints,
+                                                                             caplog):
+    import shutil
+
+    out = three_checkpoints
+    shutil.rmtree(out / "checkpoints" / "step_0000006")  # `latest` still names it
+    with caplog.at_level("WARNING"):
+        result = fit(fit_options(setup, out, save_every=2, keep=3))
+    assert "resuming from step_0000004, the newest intact checkpoint: latest names step_0000006, which is gone" \
+        in caplog.text
+    assert result.step == 6 and len(result.losses) == 2  # steps 5 and 6 redone, not a restart from step 0
+    assert (out / "checkpoints" / "step_0000002").is_dir()  # nothing pruned beyond `keep`
+    assert final_weights_equal(out, straight_run[0])
+
+
+def test_issue15_item7_resume_auto_past_a_corrupt_latest_checkpoint(setup, straight_run, three_checkpoints, caplog):
+    out = three_checkpoints
+    damaged = out / "checkpoints" / "step_0000006" / MODEL_FILE
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated write
+    with caplog.at_level("WARNING"):
+        result = fit(fit_options(setup, out, save_every=2, keep=2))
+    assert "resuming from step_0000004" in caplog.text and "step_0000006 is damaged (model.safetensors" in caplog.text
+    assert result.step == 6 and len(result.losses) == 2
+    # The damaged checkpoint was set aside, not deleted or overwritten; keep=2 pruned only this run's history.
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_0000004", "step_0000006", "step_0000006.damaged"], names
+    assert final_weights_equal(out, straight_run[0])
+
+
+def test_issue15_item7_nothing_intact_fails_loudly_and_deletes_nothing(setup, three_checkpoints, capsys):
+    out = three_checkpoints
+    for folder in (out / "checkpoints").glob("step_*"):
+        (folder / MODEL_FILE).write_bytes(b"garbage")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    code, err = run_cli(["fit", *cli_args(fit_options(setup, out))], capsys)
+    line = assert_one_line_error(code, err)
+    assert "nothing intact to resume from" in line and "step_0000006: model.safetensors is unreadable" in line, line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    code, err = run_cli(["fit", *cli_args(fit_options(setup, out)), "--resume", "never"], capsys)
+    assert "already holds checkpoints" in assert_one_line_error(code, err)
+
+
+def test_issue15_item8_a_killed_save_is_cleaned_and_the_log_has_each_step_once(setup, straight_run, tmp_path):
+    out = tmp_path / "run"
+    fit(fit_options(setup, out, stop_after=3, save_every=2))
+    # As a SIGKILL during the step-3 save leaves it: step 3 logged, its checkpoint a temp folder.
+    import shutil
+
+    root = out / "checkpoints"
+    shutil.rmtree(root / "step_0000003")
+    (root / "latest").write_text("step_0000002")
+    stale = root / ".step_0000003.4242.tmp"
+    stale.mkdir()
+    (stale / MODEL_FILE).write_bytes(b"half a file")
+    assert sorted(read_log(out)) == [1, 2, 3]
+    fit(fit_options(setup, out, save_every=2))
+    assert not stale.exists()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    straight = read_log(straight_run[0])
+    assert all(read_log(out)[s]["loss"] == pytest.approx(straight[s]["loss"], rel=1e-6, abs=1e-6) for s in straight)
+
+
+@pytest.mark.slow
+def test_issue15_item8_checkpoints_and_exports_get_the_umask_permissions(setup, tmp_path):
+    import shlex
+    import stat
+    import subprocess
+    import sys
+
+    run, exported = tmp_path / "run", tmp_path / "exported"
+    fit_cmd = [sys.executable, "-m", "lumina_core.train", "fit", *cli_args(fit_options(setup, run, steps=2))]
+    export_cmd = [sys.executable, "-m", "lumina_core.train", "export", str(run), "--out", str(exported),
+                  "--movqgan", str(setup["model"] / TINY_MOVQGAN_FILE)]
+    script = f"umask 027 && {shlex.join(fit_cmd)} && {shlex.join(export_cmd)}"
+    done = subprocess.run(["sh", "-c", script], env=child_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for root in (run, exported) for p in [root, *root.rglob("*")]}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o750 if (tmp_path / p).is_dir() else 0o640)}
+    assert not wrong, wrong
+    assert any(p.endswith("optimizer.pt") for p in modes) and any(p.endswith("tokenizer.json") for p in modes)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: an exported fine-tune of the demo samples at the demo's settings
+
+def test_issue14_exported_fine_tune_of_the_demo_generates_at_the_demo_settings(tmp_path, capsys):
+    from lumina_core.__main__ import main as generate_main
+    from lumina_core.demo.data import write_dataset
+    from lumina_core.hub import BUILTIN_MODELS
+
+    records = write_dataset(tmp_path / "data", count=4, seed=1)
+    assert run_cli(["prepare", str(records), "--out", str(tmp_path / "prep"), "--tokenizer", "demo", "--movqgan",
+                    "demo", "--no-progress"], capsys)[0] == 0
+    assert run_cli(["fit", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--init-from", "demo",
+                    "--steps", "1", "--lr", "1e-6", "--precision", "fp32", "--max-seq-len", "256",
+                    "--device", "cpu"], capsys)[0] == 0
+    exported = tmp_path / "exported"
+    assert run_cli(["export", str(tmp_path / "run"), "--out", str(exported), "--movqgan", "demo"], capsys)[0] == 0
+    demo_defaults = json.loads((BUILTIN_MODELS["demo"] / "sampling_defaults.json").read_text())
+    assert json.loads((exported / "sampling_defaults.json").read_text()) == demo_defaults
+    assert generate_main(["generate", "--model", str(exported), "--prompt", "a red circle",
+                          "--output", str(tmp_path / "images")]) == 0
+    png = next((tmp_path / "images").glob("*.png"))
+    settings = json.loads(Image.open(png).text["lumina_mgpt2"])
+    assert Image.open(png).size == tuple(demo_defaults["sizes"]["t2i"])
+    assert (settings["cfg"], settings["top_k"], settings["guidance"]) == \
+        (demo_defaults["cfg"], demo_defaults["top_k"], demo_defaults["guidance"])

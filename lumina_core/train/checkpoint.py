@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from .distributed import DistInfo, barrier, broadcast_object, gather_objects
-from .files import folder_mode, remove_stale_temp_folders, writing
+from .files import folder_mode, remove_stale_temp_folders, save_safetensors, writing
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class ResumePoint:
 
     folder: Path | None
     note: str = ""                                         # why this folder, when `latest` names another
-    prunable: list[Path] = field(default_factory=list)     # this run's older checkpoints (step below the resume)
+    prunable: list[Path] = field(default_factory=list)     # this run's history: the resumed checkpoint and older
     damaged: list[Path] = field(default_factory=list)      # newer checkpoints that are not intact
 
 
@@ -236,7 +236,7 @@ def choose_resume(out_dir: str | Path, resume: str) -> ResumePoint:
         if problem is not None:
             raise InputError(f"--resume {folder}: cannot resume from it: {problem}")
         same_run = folder.parent.resolve() == root.resolve()
-        return ResumePoint(folder, prunable=[f for f in folders if same_run and step_of(f) < step_of(folder)])
+        return ResumePoint(folder, prunable=[f for f in folders if same_run and step_of(f) <= step_of(folder)])
     pointer = root / LATEST_FILE
     named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
     damaged: list[tuple[Path, str]] = []
@@ -251,7 +251,7 @@ def choose_resume(out_dir: str | Path, resume: str) -> ResumePoint:
         elif named is not None and named != folder.name and not damaged:
             reasons.append(f"{LATEST_FILE} still names {named} (killed between the save and the pointer?)")
         note = f"resuming from {folder.name}, the newest intact checkpoint: " + "; ".join(reasons) if reasons else ""
-        return ResumePoint(folder, note, prunable=[f for f in folders if step_of(f) < step_of(folder)],
+        return ResumePoint(folder, note, prunable=[f for f in folders if step_of(f) <= step_of(folder)],
                            damaged=[f for f, _ in damaged])
     if damaged or named is not None:
         found = [f"{f.name}: {why}" for f, why in damaged] or [f"{LATEST_FILE} names {named}, which is gone"]
@@ -312,15 +312,14 @@ def _load_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimi
 
 def _save_full(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> None:
     """Full state (one process): model.safetensors with official names and optimizer.pt keyed by name."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     model_state = full_model_state(module)
     optim_state = get_optimizer_state_dict(module, optimizer,
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / MODEL_FILE),
-                  metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in model_state.items()}, folder / MODEL_FILE,
+                         metadata={"format": "pt"})
         torch.save(optim_state, folder / OPTIMIZER_FILE)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_path, atomic_write_text
-from .files import writing
+from .files import save_safetensors, writing
 
 logger = logging.getLogger(__name__)
 
@@ -243,15 +243,13 @@ def tokenize_item(item: DataItem, tk: Tokenizing) -> tuple[list[int], int]:
 # Shards and the index
 
 def _write_shard(path: Path, records: Sequence[tuple[list[int], int]]) -> int:
-    from safetensors.torch import save_file
-
     lengths = [len(ids) for ids, _ in records]
     offsets = torch.zeros(len(records) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     tokens = torch.tensor([t for ids, _ in records for t in ids], dtype=torch.int32)
     prompt_lengths = torch.tensor([p for _, p in records], dtype=torch.int64)
     with atomic_path(path) as tmp:
-        save_file({"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}, str(tmp))
+        save_safetensors({"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}, tmp)
     return int(offsets[-1])
 
 
@@ -315,8 +313,6 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
     if not entries:
         raise InputError(f"{description} lists no items")
     index_path = out / INDEX_FILE
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
     if index_path.is_file():
         index = load_index(out)
         if index["description"] != str(description):
@@ -332,19 +328,15 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                  "items_done": 0, "shards": [], "bad_by_kind": {}, "num_records": 0, "num_tokens": 0}
     # A copy of the tokenizer travels with the data, so `fit`/`export` know the exact vocabulary used.
     tok_copy = out / TOKENIZER_DIR
-    tok_copy.mkdir(exist_ok=True)
     tokenizer = load_text_tokenizer(tokenizer_dir)
     layout = TokenLayout.from_tokenizer(tokenizer)
-    if target_size // GRID_PIXELS > layout.max_grids:
-        raise InputError(f"--target-size {target_size} makes crops of {target_size // GRID_PIXELS} grids a side; "
-                         f"the tokenizer in {tokenizer_dir} has size tokens up to {layout.max_grids} "
-                         f"({layout.max_grids * GRID_PIXELS} px): use --target-size {layout.max_grids * GRID_PIXELS} "
-                         "or less")
+    _check_crops_fit(entries, Tokenizing(tokenizer, layout, None, target_size=index["target_size"]), tokenizer_dir)
     movq = load_movqgan(movqgan_path, device=device)
     if movq.config.n_embed != layout.num_image_codes:
         raise InputError(f"MoVQGAN {movqgan_path} has {movq.config.n_embed} codes but the tokenizer in "
                          f"{tokenizer_dir} has {layout.num_image_codes} image tokens; give the pair made together")
     with writing(tok_copy):
+        tok_copy.mkdir(parents=True, exist_ok=True)
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file() and not (tok_copy / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, tok_copy / name)
@@ -406,6 +398,27 @@ def prepare(description: str | os.PathLike, out_dir: str | os.PathLike, tokenize
                          f"{_fix_for(out / BAD_ITEMS_FILE)}")
     logger.info("prepare done: %s", summary)
     return summary
+
+
+def _check_crops_fit(entries: list[Any], tk: Tokenizing, tokenizer_dir: str | os.PathLike) -> None:
+    """Refuse a --target-size whose crops the tokenizer cannot write, when some item relies on those crops."""
+    from ..tasks import get_task
+    from ..tokens import GRID_PIXELS
+
+    kinds = set()
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("width") is None:
+            try:
+                kinds.add(get_task(entry.get("task", "t2i")).dual_panel)
+            except ValueError:
+                continue  # reported as a bad item
+    for dual_panel in sorted(kinds):
+        if not tk.crop_sizes(dual_panel):
+            largest = tk.layout.max_grids * GRID_PIXELS
+            raise InputError(f"--target-size {tk.target_size} makes crops of {tk.target_size // GRID_PIXELS} grids "
+                             f"a side; the tokenizer in {tokenizer_dir} has size tokens up to {tk.layout.max_grids} "
+                             f"({largest} px): use --target-size {largest // (2 if dual_panel else 1)} or less, "
+                             "or give items width/height")
 
 
 # What to do about the most common reason nothing was written, by BadItem kind.

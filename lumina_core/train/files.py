@@ -71,6 +71,19 @@ def folder_mode() -> int:
     return 0o777 & ~mask
 
 
+def file_mode() -> int:
+    """Permissions of a normally created file under the current umask."""
+    return folder_mode() & 0o666
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the umask's permissions (it creates its files 0600 itself)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, file_mode())
+
+
 def copy_file(source: Path, target: Path) -> None:
     """Copy the bytes only: the copy gets the umask's permissions, not the source's (shutil.copy2 keeps 0600)."""
     with writing(target):

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..fileio import atomic_path, atomic_write_text
+from .files import writing
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "vq_state.pt"
@@ -87,7 +89,7 @@ def image_paths(source: str | os.PathLike) -> list[Path]:
                     paths.append(_entry_path(source, entry[key]))
     usable = [p for p in paths if p.is_file()]
     if not usable:
-        raise ValueError(f"no readable images found in {source}")
+        raise InputError(f"no images found in {source} (looked for {', '.join(IMAGE_SUFFIXES)} files)")
     return usable
 
 
@@ -114,32 +116,36 @@ def load_pairs(pairs: list[tuple[Path, Path]], size: int) -> torch.Tensor:
     upper = load_images([p[0] for p in pairs], size)
     lower = load_images([p[1] for p in pairs], size)
     if len(upper) != len(lower):
-        raise ValueError("some dual-panel images could not be read; fix or drop those items")
+        raise InputError("some dual-panel images could not be read; fix or drop those items")
     return torch.cat([upper, lower], dim=2)
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Images center-cropped (official crop) to size x size, float [N, 3, size, size] in [-1, 1]; bad files skipped."""
+    """Images center-cropped (official crop) to size x size, float [N, 3, size, size] in [-1, 1]; bad files skipped.
+
+    Transparent pixels are blended onto white, as the training data and the batch runner do.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    from ..images import center_crop, pil_to_tensor
+    from ..images import center_crop, pil_to_tensor, whiten_transparency
 
     tensors = []
     for path in paths:
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                im.load()
+                image = whiten_transparency(im.copy())  # whitened before the crop resamples it
         except (UnidentifiedImageError, OSError) as e:
             logger.warning("skipping %s: %s", path, e)
             continue
         tensors.append(pil_to_tensor(center_crop(image, (size, size))))
     if not tensors:
-        raise ValueError("none of the images could be read")
+        raise InputError(f"none of the {len(paths)} images could be read (first: {paths[0] if paths else None})")
     return torch.stack(tensors)
 
 
 def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -232,7 +238,8 @@ def train_vq(opts: VQOptions) -> Path:
             report.update(pair_images=held_out_pairs, pair_psnr_db=pair_report["psnr_db"])
         atomic_write_text(out / EVAL_FILE, json.dumps({"step": step, "images": held_out, **report}, indent=2))
         logger.info("vq held-out reconstruction: PSNR %.2f dB, %d codes used", report["psnr_db"], report["codes_used"])
-    save_movqgan(model.eval(), ckpt)
+    with writing(ckpt):
+        save_movqgan(model.eval(), ckpt)
     return ckpt
 
 
