@@ -114,7 +114,7 @@ class LuminaPipeline:
         return self
 
     # --- request -> token job ---------------------------------------------------------------
-    def prepare(self, request: Request, sampling: Optional[SamplingConfig] = None) -> DecodeJob:
+    def prepare(self, request: Request) -> DecodeJob:
         """Tokenise the prompt, encode the reference (I2I) and check the size against the cache budget."""
         layout = self.layout
         prompt = prompt_ids(self.tokenizer, layout, request.prompt_text())
@@ -149,7 +149,7 @@ class LuminaPipeline:
                  should_cancel: Optional[Callable[[], bool]] = None) -> GeneratedCodes:
         """Sample `sampling.num_images` code grids for `request` in one batch (image i uses seed + i)."""
         sampling = sampling or SamplingConfig()
-        job = self.prepare(request, sampling)
+        job = self.prepare(request)
         seeds = sampling.seeds
         if sampling.sjd:
             codes, stats = decode_sjd(self.transformer, job, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)

@@ -15,7 +15,8 @@ from lumina_core.weights import load_transformer
 from lumina_core.testing.checkpoints import TINY_MOVQGAN_FILE, write_tiny_checkpoint
 from lumina_core.testing.grammar import codes_from_ids
 from lumina_core.tokens import TokenLayout, load_text_tokenizer
-from lumina_core.train import FitOptions, TokenDataset, causal_lm_loss, export_official, fit, make_sample, prepare
+from lumina_core.train import (FitOptions, SampleOrder, TokenDataset, causal_lm_loss, export_official, fit, make_sample,
+                               prepare)
 from lumina_core.train import data as train_data
 from lumina_core.train.__main__ import main as cli_main
 from lumina_core.train.checkpoint import MODEL_FILE, checkpoint_tensor_names, latest_checkpoint, read_checkpoint_tensors
@@ -127,8 +128,8 @@ def test_dual_panel_codes_are_each_panel_encoded_alone(setup):
 def test_group_by_length_fills_batches_with_similar_lengths():
     rng = np.random.default_rng(0)
     lengths = torch.from_numpy(np.where(rng.random(1000) < 0.5, 100, 190))
-    plain = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0)
-    grouped = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
+    plain = SampleOrder(1000, seed=1, uncond_prob=0.0)
+    grouped = SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
     for order in (plain, grouped):
         epoch = [order.sample_at(p)[0] for p in range(1000)]
         assert sorted(epoch) == list(range(1000))  # every sample once per epoch
@@ -137,7 +138,7 @@ def test_group_by_length_fills_batches_with_similar_lengths():
         return int(lengths[idx].max(1).values.sum() * 10)
     assert padded(grouped) <= 0.8 * padded(plain)
     assert padded(grouped) < int(lengths.sum()) * 1.05
-    again = train_data.SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
+    again = SampleOrder(1000, seed=1, uncond_prob=0.0, lengths=lengths, group_size=10)
     assert [again.sample_at(p) for p in range(50)] == [grouped.sample_at(p) for p in range(50)]
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from .checkpoint import latest_checkpoint
 from .export import export_official
-from .data import PrepareSummary, SampleOrder, TokenDataset, make_sample, prepare
-from .loop import FitOptions, FitResult, causal_lm_loss, fit
+from .data import PrepareSummary, prepare
+from .loop import FitResult, causal_lm_loss, fit
+from .options import FitOptions
+from .stream import SampleOrder, TokenDataset, make_sample
 
 __all__ = ["prepare", "PrepareSummary", "TokenDataset", "SampleOrder", "make_sample", "fit", "FitOptions",
            "FitResult", "causal_lm_loss", "export_official", "latest_checkpoint"]

@@ -5,6 +5,7 @@ Also runs under torchrun: `torchrun --nproc-per-node N -m lumina_core.train fit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -32,44 +33,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="train (single process, or FSDP under torchrun)")
-    p.add_argument("--data", required=True, help="folder written by `prepare`")
-    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--init-from", help="official checkpoint folder to fine-tune")
-    src.add_argument("--config", help="config.json (file or folder) or a preset (2b, 7b): train from scratch")
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimizer steps in all")
-    length.add_argument("--epochs", type=float, help="passes over the data in all")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default: --lr, as train.sh)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip-grad", type=float, default=4.0)
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on each process")
-    p.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--dropout", type=float, default=0.05, help="residual dropout (official 0.05)")
-    p.add_argument("--z-loss-weight", type=float, default=1e-5)
-    p.add_argument("--uncond-prob", type=float, default=0.1,
-                   help="probability that a sample drops its prompt (image tokens only; official 0.1)")
-    p.add_argument("--group-by-length", action="store_true",
-                   help="fill each step with samples of similar length (less padding when data mixes lengths)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16: autocast with float32 master weights")
-    p.add_argument("--no-grad-checkpointing", action="store_true", help="keep all activations (more memory)")
-    p.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the vocabulary projection")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--sample-every", type=int, default=0, help="write an image sample every K steps (0: never)")
-    p.add_argument("--sample-prompt", default="a photo")
-    p.add_argument("--sample-size", type=int, default=256, help="side of the square sample image (px)")
-    p.add_argument("--movqgan", default=None, help="MoVQGAN .ckpt for samples (default: movqgan*.ckpt in --init-from)")
-    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out), never, or a checkpoint folder")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
-    p.add_argument("--stop-after", type=int, default=None, help="leave after this many steps of this invocation")
+    from ..cli_options import add_options
+    from .options import FitOptions
+
+    add_options(sub.add_parser("fit", help="train (single process, or FSDP under torchrun)"), FitOptions)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -83,31 +50,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_vq(sub: argparse._SubParsersAction) -> None:
+    from ..cli_options import add_options
+    from .vq import VQOptions
+
     p = sub.add_parser("vq", help="train a small MoVQGAN image tokenizer (demo models); writes an official .ckpt")
-    p.add_argument("images", help="folder of images, or a dataset description (JSON/JSONL)")
-    p.add_argument("--out", required=True, help="run folder (vq_state.pt, vq_log.jsonl; resumed automatically)")
-    p.add_argument("--ckpt", default=None, help="output .ckpt (default: <out>/movqgan.ckpt)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--size", type=int, default=64, help="square training crop side (multiple of 8)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--min-lr", type=float, default=None, help="cosine-decay the lr to this by the last step")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="bf16: autocast (faster on CPUs with bf16)")
-    p.add_argument("--beta", type=float, default=0.25, help="commitment-loss weight")
-    p.add_argument("--ch", type=int, default=32, help="base channels (multiple of 32: GroupNorm(32))")
-    p.add_argument("--ch-mult", default="1,2,2,4", help="channel multipliers per level (4 levels = 8x down)")
-    p.add_argument("--num-res-blocks", type=int, default=1)
-    p.add_argument("--n-embed", type=int, default=1024, help="codebook size")
-    p.add_argument("--embed-dim", type=int, default=4,
-                   help="code vector size (270M: 4; small codebooks stay better separated with more, e.g. 32)")
-    p.add_argument("--pair-fraction", type=float, default=0.25,
-                   help="share of steps on stacked dual-panel pairs from a description (0: single panels only)")
-    p.add_argument("--eval-images", type=int, default=256,
-                   help="images held out of training to measure reconstruction PSNR at the end")
-    p.add_argument("--reset-dead-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--device", default="cpu")
+    images = next(f for f in dataclasses.fields(VQOptions) if f.name == "images")
+    p.add_argument("images", help=images.metadata["help"])  # positional, as `prepare`'s description
+    add_options(p, VQOptions, exclude=["images"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,19 +99,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"prepare: {summary}")
         return 0
     if args.command == "fit":
-        from .loop import FitOptions, fit
+        from ..cli_options import from_args
+        from .loop import fit
+        from .options import FitOptions
 
-        opts = FitOptions(
-            data=args.data, out=args.out, init_from=builtin_or_path(args.init_from), config=args.config,
-            steps=args.steps, epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-            weight_decay=args.weight_decay, clip_grad=args.clip_grad, micro_batch=args.micro_batch,
-            accum=args.accum, max_seq_len=args.max_seq_len, dropout=args.dropout,
-            z_loss_weight=args.z_loss_weight, uncond_prob=args.uncond_prob, group_by_length=args.group_by_length,
-            precision=args.precision,
-            grad_checkpointing=not args.no_grad_checkpointing, loss_chunk=args.loss_chunk, seed=args.seed,
-            save_every=args.save_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
-            sample_prompt=args.sample_prompt, sample_size=args.sample_size, movqgan=movqgan_file(args.movqgan),
-            resume=args.resume, device=args.device, stop_after=args.stop_after)
+        opts = from_args(FitOptions, args, init_from=builtin_or_path(args.init_from),
+                         movqgan=movqgan_file(args.movqgan))
         result = fit(opts)
         state = "interrupted, checkpoint saved" if result.interrupted else "done"
         if int(os.environ.get("RANK", "0")) == 0:
@@ -177,16 +119,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"export: wrote {out}")
         return 0
     if args.command == "vq":
+        from ..cli_options import from_args
         from .vq import VQOptions, train_vq
 
-        opts = VQOptions(images=args.images, out=args.out, ckpt=args.ckpt, steps=args.steps, size=args.size,
-                         batch=args.batch, lr=args.lr, min_lr=args.min_lr, precision=args.precision, beta=args.beta, ch=args.ch,
-                         ch_mult=tuple(int(x) for x in args.ch_mult.split(",")), num_res_blocks=args.num_res_blocks,
-                         n_embed=args.n_embed, embed_dim=args.embed_dim, eval_images=args.eval_images,
-                         pair_fraction=args.pair_fraction,
-                         reset_dead_every=args.reset_dead_every, seed=args.seed,
-                         save_every=args.save_every, device=args.device)
-        print(f"vq: wrote {train_vq(opts)}")
+        print(f"vq: wrote {train_vq(from_args(VQOptions, args))}")
         return 0
     raise AssertionError(args.command)
 
@@ -194,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; returns the process exit status (2 with a one-line message for bad input)."""
     from ..errors import InputError
-    from .distributed import shutdown_distributed
+    from ..dist import shutdown
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -202,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = run(args)
     except InputError as e:
-        shutdown_distributed(clean=False)
+        shutdown(clean=False)
         parser.exit(2, f"error: {e}\n")
     except OSError as e:  # a file the user named that cannot be opened (missing, permissions)
-        shutdown_distributed(clean=False)
+        shutdown(clean=False)
         where = f" {e.filename}" if e.filename else ""
         parser.exit(2, f"error: {e.strerror or e}{':' + where if where else ''}\n")
     except BaseException:
-        shutdown_distributed(clean=False)
+        shutdown(clean=False)
         raise
-    shutdown_distributed()
+    shutdown()
     return status
 
 

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..fileio import atomic_write_text
-from .distributed import DistInfo, barrier, broadcast_object, gather_objects
+from ..dist import RankInfo, barrier, gather
+from .distributed import broadcast_object
 from .files import folder_mode, remove_stale_temp_folders, save_safetensors, writing
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix(MODEL_PREFIX): v for k, v in sd.items()}
 
 
-def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], info: RankInfo) -> None:
     """Load a full state dict (official names) into the (possibly sharded) training wrapper, strictly.
 
     Distributed: only rank 0 needs the tensors (the others pass an empty dict); they are broadcast
@@ -95,11 +96,11 @@ def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], inf
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if info.enabled and not info.is_main:
+    if info.distributed and not info.is_main:
         state = {}
     result = set_model_state_dict(module, {MODEL_PREFIX + k: v for k, v in state.items()},
                                   options=StateDictOptions(full_state_dict=True, strict=True,
-                                                           broadcast_from_rank0=info.enabled))
+                                                           broadcast_from_rank0=info.distributed))
     missing = getattr(result, "missing_keys", [])
     unexpected = getattr(result, "unexpected_keys", [])
     if missing or unexpected:
@@ -310,7 +311,7 @@ def _load_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimi
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
 
 
-def _save_full(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> None:
+def _save_full(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, info: RankInfo) -> None:
     """Full state (one process): model.safetensors with official names and optimizer.pt keyed by name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -324,7 +325,7 @@ def _save_full(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: dict[str, Any], info: DistInfo, keep: int = 2,
+                    state: dict[str, Any], info: RankInfo, keep: int = 2,
                     prunable: list[Path] | None = None) -> Path:
     """Write a training checkpoint atomically (collective: every rank must call it); returns its folder.
 
@@ -335,7 +336,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
     root = checkpoint_root(out_dir)
     name = f"step_{state['step']:07d}"
     final = root / name
-    sharded = info.enabled
+    sharded = info.distributed
     tmp = None
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -351,7 +352,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
                 _save_sharded(tmp, module, optimizer)
             else:
                 _save_full(tmp, module, optimizer, info)
-            rngs = gather_objects(rng_state(info.device), info)
+            rngs = gather(info, rng_state(info.device))
             if info.is_main:
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
                 torch.save({"ranks": rngs}, tmp / RNG_FILE)
@@ -376,7 +377,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
 
 
 def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    info: DistInfo) -> dict[str, Any]:
+                    info: RankInfo) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint folder; returns its state."""
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     if is_sharded(folder):
@@ -385,11 +386,11 @@ def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opti
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        reads = info.is_main or not info.enabled  # other ranks receive broadcasts instead of reading files
+        reads = info.is_main or not info.distributed  # other ranks receive broadcasts instead of reading files
         load_full_model_state(module, load_file(str(folder / MODEL_FILE)) if reads else {}, info)
         optim_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True) if reads else {}
         set_optimizer_state_dict(module, optimizer, optim_state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.enabled))
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     rngs = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
     if len(rngs) == info.world_size:

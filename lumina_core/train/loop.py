@@ -34,14 +34,16 @@ from ..errors import InputError
 from ..fileio import atomic_path, atomic_write_text
 from .checkpoint import (choose_resume, load_checkpoint, load_full_model_state, read_official_weights,
                          save_checkpoint, set_aside, start_run_folder)
-from .data import IGNORE_INDEX, SampleOrder, TokenDataset, collate, global_batch_positions, make_sample, \
+from .stream import IGNORE_INDEX, SampleOrder, TokenDataset, collate, global_batch_positions, make_sample, \
     rank_micro_batches
-from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shard_model
+from .. import dist
+from ..dist import RankInfo, barrier
+from .distributed import all_reduce_mean, any_rank, shard_model
 from .files import writing
+from .options import FitOptions
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "log.jsonl"
-PRECISIONS = ("bf16", "fp32")   # bf16: autocast over float32 master weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,61 +96,6 @@ class TrainingModule(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Options
-
-@dataclass
-class FitOptions:
-    """Everything `fit` needs (the CLI fills it)."""
-
-    data: str
-    out: str
-    init_from: str | None = None          # official checkpoint folder
-    config: str | None = None             # config.json or preset name ("2b", "7b") to train from scratch
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 2e-5
-    min_lr: float | None = None           # default: lr (the official train.sh keeps lr == min_lr)
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    clip_grad: float = 4.0
-    micro_batch: int = 1
-    accum: int = 1
-    max_seq_len: int = 4096
-    dropout: float = 0.05
-    z_loss_weight: float = 1e-5
-    uncond_prob: float = 0.1
-    group_by_length: bool = False         # batches of similar-length samples (less padding on mixed data)
-    precision: str = "bf16"               # "bf16" (autocast, fp32 master) or "fp32"
-    grad_checkpointing: bool = True
-    loss_chunk: int = 4096
-    seed: int = 0
-    save_every: int = 1000
-    keep: int = 2
-    log_every: int = 1
-    sample_every: int = 0
-    sample_prompt: str = "a photo"
-    sample_size: int = 256
-    movqgan: str | None = None            # MoVQGAN .ckpt for samples (default: movqgan*.ckpt in --init-from)
-    resume: str = "auto"                  # "auto", "never" or a checkpoint folder
-    device: str | None = None
-    stop_after: int | None = None         # leave after this many steps (for tests and time-boxed jobs)
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch", "accum", "max_seq_len", "save_every", "log_every", "loss_chunk"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0.0 <= self.uncond_prob <= 1.0:
-            raise InputError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
-        if (self.init_from is None) == (self.config is None):
-            raise InputError("fit needs exactly one of --init-from (an official checkpoint folder) or --config "
-                             "(config.json or a preset)")
-        if (self.steps is None) == (self.epochs is None):
-            raise InputError("fit needs exactly one of --steps or --epochs")
-
-
-# --------------------------------------------------------------------------------------------
 # Schedule, optimizer, model
 
 def lr_at(step: int, opts: FitOptions, total_steps: int) -> float:
@@ -187,17 +134,16 @@ def model_config(opts: FitOptions) -> ModelConfig:
     return dataclasses.replace(cfg, dropout=opts.dropout, z_loss_weight=opts.z_loss_weight)
 
 
-def build_training_module(cfg: ModelConfig, opts: FitOptions, info: DistInfo, initial: bool) -> TrainingModule:
+def build_training_module(cfg: ModelConfig, opts: FitOptions, info: RankInfo, initial: bool) -> TrainingModule:
     """Build on the meta device, shard with FSDP2 when distributed, materialise, load the starting weights."""
     with torch.device("meta"):
         transformer = build_transformer(cfg)
     transformer.gradient_checkpointing = opts.grad_checkpointing
     module = TrainingModule(transformer, opts.loss_chunk)
-    if info.enabled:
-        shard_model(module, transformer.model.layers,
-                    torch.bfloat16 if opts.precision == "bf16" else None)
+    if info.distributed:
+        shard_model(module, transformer.model.layers, opts.dtype if opts.dtype != torch.float32 else None)
     module.to_empty(device=info.device)
-    if initial and info.enabled and not info.is_main:
+    if initial and info.distributed and not info.is_main:
         load_full_model_state(module, {}, info)  # receives rank 0's weights
     elif initial:  # a resumed run loads its own checkpoint instead
         if opts.init_from:
@@ -252,7 +198,7 @@ class FitResult:
 
 def fit(opts: FitOptions) -> FitResult:
     """Train; returns after `steps`, after `stop_after`, or after a SIGTERM (checkpoint saved in each case)."""
-    info = init_distributed(opts.device)
+    info = dist.init(opts.device)
     dataset = TokenDataset(opts.data)
     tokenizer_dir = str(dataset.tokenizer_dir) if (dataset.tokenizer_dir / "tokenizer.json").is_file() else (
         opts.init_from if opts.init_from else None)
@@ -302,8 +248,7 @@ def fit(opts: FitOptions) -> FitResult:
                 "tokenizer_dir": tokenizer_dir, "data": str(Path(opts.data).resolve()),
                 "options": dataclasses.asdict(opts)}
 
-    autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16,
-                              enabled=opts.precision == "bf16")
+    autocast = torch.autocast(device_type=info.device.type, dtype=opts.dtype, enabled=opts.dtype != torch.float32)
     stopper = _StopRequest()
     stopper.install()
     losses: list[float] = []
@@ -390,7 +335,7 @@ def trim_log(log_file: Path, step: int) -> None:
             atomic_write_text(log_file, "".join(line + "\n" for line in kept))
 
 
-def sample_pipeline(module: TrainingModule, opts: FitOptions, info: DistInfo, tokenizer_dir: str | None):
+def sample_pipeline(module: TrainingModule, opts: FitOptions, info: RankInfo, tokenizer_dir: str | None):
     """A LuminaPipeline around the live transformer for image samples: MoVQGAN and tokenizer loaded once."""
     from ..movqgan import load_movqgan
     from ..pipeline import LuminaPipeline, find_movqgan
@@ -410,7 +355,7 @@ def sample_pipeline(module: TrainingModule, opts: FitOptions, info: DistInfo, to
                           TokenLayout.from_tokenizer(tokenizer, vocabulary_map))
 
 
-def write_samples(pipe, module: TrainingModule, opts: FitOptions, info: DistInfo, step: int) -> Path | None:
+def write_samples(pipe, module: TrainingModule, opts: FitOptions, info: RankInfo, step: int) -> Path | None:
     """Sample one image with the current weights into `<out>/samples/step_NNNNNNN.png` (collective under FSDP).
 
     Goes through `LuminaPipeline.generate` (the inference sampler) with the live transformer; under
@@ -427,7 +372,7 @@ def write_samples(pipe, module: TrainingModule, opts: FitOptions, info: DistInfo
         if sharded:
             module.unshard()
         with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []), \
-                torch.autocast(device_type=info.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+                torch.autocast(device_type=info.device.type, dtype=opts.dtype, enabled=opts.dtype != torch.float32):
             codes = pipe.generate(request, SamplingConfig(seed=opts.seed))
         image = pipe.decode(codes)[0]
     finally:

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..fileio import atomic_path, atomic_write_text
 from .files import writing
+from .options import PRECISION_DTYPES, Precision
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "vq_state.pt"
@@ -38,32 +39,54 @@ RESET_UNTIL = 0.8                       # dead codes are re-seeded during this f
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class VQOptions:
-    """Settings of a `train vq` run."""
+    """Settings of a `train vq` run (the `vq` command line is built from these fields)."""
 
-    images: str                         # a folder of images, or a dataset description (JSON/JSONL)
-    out: str                            # run folder
-    ckpt: str | None = None             # where the final .ckpt goes (default: <out>/movqgan.ckpt)
-    steps: int = 1000
-    size: int = 64                      # training crops are size x size
-    batch: int = 8
-    lr: float = 2e-4
-    min_lr: float | None = None         # cosine decay from lr to min_lr over the run (None: constant lr)
-    precision: str = "fp32"             # "bf16": autocast encoder/decoder (about 1.5x faster on CPUs with bf16)
-    beta: float = 0.25                  # commitment weight
-    ch: int = 32
-    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
-    num_res_blocks: int = 1
-    n_embed: int = 1024
-    embed_dim: int = 4                  # code vector size (and encoder output channels)
-    eval_images: int = 256              # held out of training; reconstruction PSNR measured on them at the end
-    pair_fraction: float = 0.25         # share of steps on stacked dual-panel pairs (batch // 2 pairs), if any
-    reset_dead_every: int = 100         # re-seed unused codes every N steps (0: never)
-    seed: int = 0
-    save_every: int = 200
-    log_every: int = 10
-    device: str = "cpu"
+    images: str = field(metadata={"help": "folder of images, or a dataset description (JSON/JSONL)"})
+    out: str = field(metadata={"help": "run folder (vq_state.pt, vq_log.jsonl; resumed automatically)"})
+    ckpt: str | None = _opt(None, "output .ckpt (default: <out>/movqgan.ckpt)")
+    steps: int = _opt(1000, "optimizer steps")
+    size: int = _opt(64, "square training crop side (multiple of 8)")
+    batch: int = _opt(8, "images per step")
+    lr: float = _opt(2e-4, "Adam learning rate")
+    min_lr: float | None = _opt(None, "cosine-decay the lr to this by the last step (default: constant lr)")
+    precision: Precision = _opt("fp32", "bf16: autocast encoder/decoder (about 1.5x faster on CPUs with bf16)")
+    beta: float = _opt(0.25, "commitment-loss weight")
+    ch: int = _opt(32, "base channels (multiple of 32: GroupNorm(32))")
+    ch_mult: tuple[int, ...] = _opt((1, 2, 2, 4), "channel multipliers per level (4 levels = 8x down)")
+    num_res_blocks: int = _opt(1, "residual blocks per level")
+    n_embed: int = _opt(1024, "codebook size")
+    embed_dim: int = _opt(4, "code vector size (270M: 4; small codebooks stay better separated with more, e.g. 32)")
+    eval_images: int = _opt(256, "images held out of training to measure reconstruction PSNR at the end")
+    pair_fraction: float = _opt(0.25, "share of steps on stacked dual-panel pairs from a description "
+                                      "(0: single panels only)")
+    reset_dead_every: int = _opt(100, "re-seed unused codes every N steps (0: never)")
+    seed: int = _opt(0, "seed of the initial weights, the batches and the flips")
+    save_every: int = _opt(200, "save vq_state.pt every N steps")
+    log_every: int = _opt(10, "vq_log.jsonl record every N steps")
+    device: str = _opt("cpu", "device to train on (cpu, cuda, ...)")
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        for name in ("steps", "size", "batch", "ch", "num_res_blocks", "n_embed", "embed_dim", "save_every",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        downsampling = 2 ** (len(self.ch_mult) - 1)
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult) or self.size % downsampling:
+            raise InputError(f"size {self.size} must be a multiple of {downsampling} (2 ** (levels - 1)) and the "
+                             f"channel multipliers positive, got {self.ch_mult}")
+        if self.ch % 32:
+            raise InputError(f"ch must be a multiple of 32 (GroupNorm(32)), got {self.ch}")
+        if self.precision not in PRECISION_DTYPES:
+            raise InputError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {self.precision!r}")
+        if not 0.0 <= self.pair_fraction <= 1.0 or self.eval_images < 0 or self.reset_dead_every < 0:
+            raise InputError("pair_fraction must lie in [0, 1], eval_images and reset_dead_every be >= 0")
 
 
 def _entry_path(description: Path, path: str) -> Path:
@@ -203,7 +226,8 @@ def train_vq(opts: VQOptions) -> Path:
                 progress = step / max(1, opts.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = opts.min_lr + (opts.lr - opts.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+            dtype = PRECISION_DTYPES[opts.precision]
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
                 recon, codebook_loss, commitment_loss, codes = model(batch, beta=opts.beta)
             rec_loss = F.l1_loss(recon.float(), batch)
             loss = rec_loss + codebook_loss + commitment_loss
