@@ -715,3 +715,15 @@ def test_issue14_exported_fine_tune_of_the_demo_generates_at_the_demo_settings(t
     assert Image.open(png).size == tuple(demo_defaults["sizes"]["t2i"])
     assert (settings["cfg"], settings["top_k"], settings["guidance"]) == \
         (demo_defaults["cfg"], demo_defaults["top_k"], demo_defaults["guidance"])
+
+
+def test_vq_images_blend_transparency_onto_white_like_the_training_data(tmp_path):
+    from lumina_core.images import pil_to_tensor
+    from lumina_core.train.vq import load_images
+
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)   # black, fully transparent ...
+    rgba[8:24, 8:24] = (200, 40, 40, 255)           # ... around an opaque red square
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut_out.png")
+    pixels = load_images([tmp_path / "cut_out.png"], 32)[0]
+    assert torch.equal(pixels, pil_to_tensor(train_data._open_image(str(tmp_path / "cut_out.png"))))
+    assert torch.equal(pixels[:, 0, 0], torch.ones(3)) and pixels[0, 16, 16] > 0.5
