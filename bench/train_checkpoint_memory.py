@@ -35,6 +35,8 @@ def worker(args: argparse.Namespace) -> None:
     from lumina_core.train.loop import TrainingModule
 
     info = dist.init("cpu")
+    marks = Path(args.marks) / f"rank{info.rank}"
+    marks.write_text(json.dumps({"pid": os.getpid()}))  # the poller starts here
     cfg = ModelConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8)
     with torch.device("meta"):
@@ -50,9 +52,10 @@ def worker(args: argparse.Namespace) -> None:
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     shard_bytes = sum(local(p).numel() * 4 * 3 for p in module.parameters())  # weights + 2 AdamW moments
     layer_bytes = max(sum(p.numel() * 4 for p in layer.parameters()) for layer in module.transformer.model.layers)
-    marks = Path(args.marks) / f"rank{info.rank}"
+    time.sleep(0.5)  # baseline samples: what the rank holds before the save
     dist.barrier(info)
-    marks.write_text(json.dumps({"pid": os.getpid(), "start": time.time()}))
+    start = time.time()
+    marks.write_text(json.dumps({"pid": os.getpid(), "start": start}))
     if args.format == "sharded":
         save_checkpoint(args.out, module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                         {"step": 1}, info, keep=0)
@@ -62,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
         _save_full(folder, module, optimizer, info)
     end = time.time()
     dist.barrier(info)
-    marks.write_text(json.dumps({"pid": os.getpid(), "start": json.loads(marks.read_text())["start"], "end": end,
+    marks.write_text(json.dumps({"pid": os.getpid(), "start": start, "end": end,
                                  "shard_bytes": shard_bytes, "layer_bytes": layer_bytes}))
     dist.barrier(info)
     dist.shutdown()
