@@ -2,6 +2,7 @@
 
     python bench/demo_eval.py                      # the shipped model "demo"
     python bench/demo_eval.py --model DIR --per-caption 4 --json results.json
+    python bench/demo_eval.py --kv-cache fp8 --skip train bestn control dense   # fp8 KV against --kv-cache bf16
 
 Every figure is checked from pixels by ``lumina_core.demo.checker`` (colour + position; "+shape"
 also needs the right shape). Captions are the 50 held out of training, and as many training
@@ -24,16 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lumina_core.demo import checker, data  # noqa: E402
 from lumina_core.images import tensor_to_uint8, unit_to_uint8  # noqa: E402
+from lumina_core.model import KV_CACHE_MODES  # noqa: E402
 from lumina_core.pipeline import LuminaPipeline  # noqa: E402
 from lumina_core.request import Request  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
 
 SIZE = data.IMAGE_SIZE
+KV_CACHE = "auto"  # the KV cache storage of every generation of a run (--kv-cache)
 
 
 def sampling(cfg: float, top_k: int, seed: int, n: int, sjd: bool = False) -> SamplingConfig:
     """Constant guidance (the official schedule forces 4.0, far too strong for this model)."""
-    return SamplingConfig(cfg=cfg, guidance="constant", top_k=top_k, seed=seed, num_images=n, sjd=sjd)
+    return SamplingConfig(cfg=cfg, guidance="constant", top_k=top_k, seed=seed, num_images=n, sjd=sjd,
+                          kv_cache=KV_CACHE)
 
 
 def generate_t2i(pipe: LuminaPipeline, caption: data.Caption, config: SamplingConfig) -> tuple[list[np.ndarray], dict]:
@@ -148,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "bestn", "sjd", "control", "dense"])
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--kv-cache", default="auto", choices=list(KV_CACHE_MODES),
+                        help="KV cache storage (auto: the model's float32)")
     args = parser.parse_args(argv)
+    global KV_CACHE
+    KV_CACHE = args.kv_cache
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = LuminaPipeline.from_pretrained(args.model, dtype=torch.float32, device="cpu")
     train, held = data.split_captions()
     train_sample = random.Random(args.seed).sample(train, len(held))
-    results: dict[str, object] = {"model": args.model, "held_out_captions": len(held), "top_k": args.top_k}
+    results: dict[str, object] = {"model": args.model, "held_out_captions": len(held), "top_k": args.top_k,
+                                  "kv_cache": args.kv_cache}
 
     for cfg in (1.0, args.cfg):
         images, labels = eval_t2i(pipe, held, cfg, args.top_k, args.per_caption, args.seed)

@@ -32,3 +32,5 @@ for eager, graphs in (("/tmp/demo_cuda--no-cuda-graphs", "/tmp/demo_cuda"),
     print(f"{graphs}: {same}/{len(names)} images identical to {eager}")
 PYEOF
 run 150 "$PY" bench/gpu_decode.py --quant none --compile --cuda-graphs --fractions 0.5 --reps 20
+# fp8 against bf16 KV cache (issue 12 item 1, issue 13 item 3): one layer's attention, then the compiled step.
+run 300 "$PY" bench/gpu_kv.py
