@@ -6,7 +6,6 @@ the search dirs, and callers that handle untrusted input pass ``allow_paths=Fals
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -74,11 +73,10 @@ def missing_model_files(folder: str | os.PathLike) -> list[str]:
     missing = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            return [*missing, f"model.safetensors.index.json (unreadable: {exc})"]
-        missing += [s for s in shards if not (folder / s).is_file()]
+        from .weights import read_index  # the one reader of the index: a malformed one is an error naming it
+
+        shards = read_index(folder, check_files=False)
+        missing += sorted({p.name for p in shards.values() if not p.is_file()})
     elif not (folder / "model.safetensors").is_file():
         missing.append("model.safetensors (or sharded model-*.safetensors + model.safetensors.index.json)")
     return missing

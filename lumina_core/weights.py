@@ -57,8 +57,9 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         f"with {INDEX_FILE} (the layout of Alpha-VLLM/Lumina-mGPT-2.0)")
 
 
-def read_index(folder: str | Path) -> dict[str, Path]:
-    """The index's weight_map as tensor name -> shard path; every shard a plain file name inside `folder`."""
+def read_index(folder: str | Path, check_files: bool = True) -> dict[str, Path]:
+    """The index's weight_map as tensor name -> shard path; every shard a plain file name inside `folder`
+    (and, with `check_files`, present)."""
     folder = Path(folder)
     index = folder / INDEX_FILE
     try:
@@ -76,7 +77,7 @@ def read_index(folder: str | Path) -> dict[str, Path]:
     for name, shard in weight_map.items():
         shards[name] = _shard_path(folder, index, name, shard)
     missing = sorted({p.name for p in shards.values() if not p.is_file()})
-    if missing:
+    if missing and check_files:
         raise CheckpointFileMissing(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
     return shards
 

@@ -137,3 +137,19 @@ def test_verifier_weights_follow_the_model_search_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         resolve_weights("openai/clip-vit-large-patch14", search_dirs=dirs, auto_download=True)
+
+
+@pytest.mark.parametrize("index, says", [
+    ({"weight_map": ["model-00001-of-00002.safetensors"]}, "'weight_map' must be an object"),  # AttributeError before
+    ([1, 2], "'weight_map' must be an object"),  # TypeError before
+    ({"weight_map": {"a": {"file": "x"}}}, "must be a file name"),  # TypeError (unhashable) before
+])
+def test_issue15_item9_malformed_index_is_named_when_looking_for_a_model(tmp_path, index, says):
+    from lumina_core.errors import InputError
+
+    folder = _model_folder(tmp_path / "m", shards=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError) as error:
+        resolve_model(folder)
+    message = str(error.value)
+    assert "\n" not in message and str(folder / "model.safetensors.index.json") in message and says in message

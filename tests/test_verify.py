@@ -319,3 +319,14 @@ def test_best_of_n_validates_before_generating(tiny):
     with pytest.raises(ValueError, match="num_images"):
         best_of_n(pipe, FakeRequest("x"), replace(FakeSampling(), num_images=0), [DemoCheckVerifier()])
     assert pipe.calls == []
+
+
+@pytest.mark.parametrize("content", [b"", b"e" * 4096], ids=["empty", "garbage"])
+def test_issue15_item9_broken_aesthetic_head_is_one_line(tmp_path, content):
+    from lumina_core.errors import InputError
+
+    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    path.write_bytes(content)  # an EOFError and an IndexError escaped before
+    with pytest.raises(InputError, match="download it again") as error:
+        load_aesthetic_head(str(path))
+    assert "\n" not in str(error.value) and str(path) in str(error.value)

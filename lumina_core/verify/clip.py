@@ -1,12 +1,12 @@
 """CLIP-based verifiers: PickScore v1, CLIPScore and the LAION aesthetic predictor v2."""
 from __future__ import annotations
 
-import pickle
-
 import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import InputError
+from ..fileio import load_torch_file
 from .base import PROCESSOR_FILE_PATTERNS, Verifier
 
 
@@ -92,15 +92,10 @@ def load_aesthetic_head(path: str) -> AestheticHead:
 
         state = load_file(path)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(
-                f"{path} is not a PyTorch state dict (a failed download often saves an HTML or JSON page "
-                "instead): delete it and download it again"
-            ) from error
+        # A failed download often saves an HTML or JSON page instead; empty or garbage files too.
+        state = load_torch_file(path, "a LAION aesthetic head (.pth state dict): delete it and download it again")
     if not isinstance(state, dict) or "layers.0.weight" not in state:
-        raise ValueError(f"{path} is not a LAION aesthetic head: expected keys layers.0/2/4/6/7.weight/bias")
+        raise InputError(f"{path} is not a LAION aesthetic head: expected keys layers.0/2/4/6/7.weight/bias")
     head = AestheticHead(input_size=state["layers.0.weight"].shape[1])
     head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return head.eval()
