@@ -16,12 +16,15 @@ intact (every file present and readable) and says why when that is not the one `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +301,15 @@ def _save_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimi
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
 
 
+@contextlib.contextmanager
+def _quiet_single_process(single: bool) -> Iterator[None]:
+    """DCP warns on every load without a process group even when asked for one process (no_dist=True)."""
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _load_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint into this world size's (possibly unsharded) module and optimizer."""
     import torch.distributed.checkpoint as dcp
@@ -306,7 +318,9 @@ def _load_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimi
 
     # The state dicts of this process's layout say what to read; DCP reshards the saved pieces into them.
     state = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=not torch.distributed.is_initialized())
+    single = not torch.distributed.is_initialized()
+    with _quiet_single_process(single):
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=single)
     set_model_state_dict(module, state["model"])
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
 
@@ -347,7 +361,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
     if sharded:
         tmp = broadcast_object(tmp, info)
     try:
-        with writing(tmp):
+        with writing(final):  # the folder the user knows; the temp folder goes in any case
             if sharded:
                 _save_sharded(tmp, module, optimizer)
             else:
@@ -429,6 +443,7 @@ def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.T
     shapes = checkpoint_tensor_names(folder)
     tensors = {MODEL_PREFIX + n: torch.empty(shapes[n][0], dtype=shapes[n][1]) for n in names}
     # A partial load reads only these tensors' pieces from every rank's shard file.
-    dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(str(folder)),
-             planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    with _quiet_single_process(True):
+        dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(str(folder)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k.removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}

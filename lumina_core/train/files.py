@@ -35,16 +35,17 @@ def _free_space(path: Path) -> str:
     return "unknown space"
 
 
-def _refused_errno(error: BaseException) -> int | None:
-    """The errno of a refused write, also when a library wrapped it in its own error text."""
+def _refused_write(error: BaseException) -> tuple[int, str] | None:
+    """(errno, cause) of a refused write, also when a library wrapped it in its own error text; else None."""
     if isinstance(error, OSError) and error.errno is not None:
-        return error.errno
+        return error.errno, os.strerror(error.errno)
     text = str(error)
     if "inline_container.cc" in text or "PytorchStreamWriter failed" in text:
-        return errno.ENOSPC  # torch's zip writer lost bytes: the OS refused them (errno not kept)
+        # torch's zip writer lost bytes and kept no errno: a full disk, a quota or a file-size limit.
+        return errno.ENOSPC, "torch's writer lost bytes: full disk, quota or file-size limit"
     for code in _NO_SPACE | {errno.EACCES, errno.EROFS}:
-        if f"os error {code})" in text:  # safetensors (Rust) keeps the errno in its text
-            return code
+        if f"os error {code})" in text or f"[Errno {code}]" in text:  # safetensors (Rust), DCP's wrapped errors
+            return code, os.strerror(code)
     return None
 
 
@@ -54,14 +55,15 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # OSError, torch's RuntimeError, safetensors' own SafetensorError
-        code = _refused_errno(error)
-        if code is None or isinstance(error, WriteFailed):
+        refused = _refused_write(error)
+        if refused is None or isinstance(error, WriteFailed):
             raise
+        code, cause = refused
         path = Path(path)
         if code in _NO_SPACE:
-            raise WriteFailed(f"could not write {path}: the disk took no more bytes ({os.strerror(code)}; "
+            raise WriteFailed(f"could not write {path}: the disk took no more bytes ({cause}; "
                               f"{_free_space(path)}); free some space or write to another disk") from None
-        raise WriteFailed(f"could not write {path}: {os.strerror(code)}") from None
+        raise WriteFailed(f"could not write {path}: {cause}") from None
 
 
 def folder_mode() -> int:
