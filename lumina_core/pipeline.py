@@ -7,12 +7,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .defaults import ModelDefaults
 from .model import LuminaTransformer
 from .request import Request, RequestError
 from .sampling import SamplingConfig
 from .sampling.ar import decode_ar
 from .sampling.state import DecodeJob
 from .sampling.sjd import decode_sjd
+from .threads import cpu_threads, threads_for
 from .tokens import LATENT_PER_GRID, TokenLayout, dual_panel_prefix_ids, load_tokens, prompt_ids
 from .weights import load_transformer
 
@@ -51,7 +53,8 @@ class LuminaPipeline:
     """Everything needed to turn a Request into images; `generate` samples codes, `decode` makes pixels."""
 
     def __init__(self, transformer: LuminaTransformer, movqgan, tokenizer, layout: TokenLayout,
-                 max_positions: Optional[int] = None, step_fn: Optional[Callable] = None, quant: Optional[str] = None) -> None:
+                 max_positions: Optional[int] = None, step_fn: Optional[Callable] = None, quant: Optional[str] = None,
+                 defaults: Optional[ModelDefaults] = None) -> None:
         self.transformer = transformer
         self.movqgan = movqgan
         self.tokenizer = tokenizer
@@ -63,11 +66,17 @@ class LuminaPipeline:
         # Decoding reads only the image-code rows of lm_head and the embedding rows it feeds; the
         # full tables stay on the host, where the prompt is embedded.
         transformer.use_decode_vocabulary(decode_token_ids(layout), layout.image_code_offset, layout.num_image_codes)
+        self.defaults = defaults or ModelDefaults.official()  # the model's own sizes and sampling settings
 
     @property
     def device(self) -> torch.device:
         """Device of the transformer's layers."""
         return self.transformer.device
+
+    @property
+    def threads(self) -> int:
+        """CPU threads for this model's sampling and decoding (one for tiny models; see threads.py)."""
+        return threads_for(sum(p.numel() for p in self.transformer.parameters()), self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,7 +112,8 @@ class LuminaPipeline:
         step_fn = compile_step(transformer) if compile else None
         if cuda_graphs and device.type == "cuda":
             step_fn = CUDAGraphStep(step_fn or transformer.decode_step)
-        return cls(transformer, movqgan, tokenizer, layout, step_fn=step_fn, quant=quant)
+        return cls(transformer, movqgan, tokenizer, layout, step_fn=step_fn, quant=quant,
+                   defaults=ModelDefaults.from_folder(folder))
 
     def to(self, device: torch.device | str) -> "LuminaPipeline":
         """Move transformer and MoVQGAN to `device` (the full vocabulary tables stay on the host)."""
@@ -114,6 +124,10 @@ class LuminaPipeline:
         return self
 
     # --- request -> token job ---------------------------------------------------------------
+    def prompt_tokens(self, request: Request) -> int:
+        """Positions the request's prompt takes before the image (the size rules count them)."""
+        return len(prompt_ids(self.tokenizer, self.layout, request.prompt_text()))
+
     def prepare(self, request: Request) -> DecodeJob:
         """Tokenise the prompt, encode the reference (I2I) and check the size against the cache budget."""
         layout = self.layout
@@ -151,10 +165,13 @@ class LuminaPipeline:
         sampling = sampling or SamplingConfig()
         job = self.prepare(request)
         seeds = sampling.seeds
-        if sampling.sjd:
-            codes, stats = decode_sjd(self.transformer, job, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
-        else:
-            codes, stats = decode_ar(self.transformer, job, sampling, seeds, progress, should_cancel, step_fn=self.step_fn)
+        with cpu_threads(self.threads):
+            if sampling.sjd:
+                codes, stats = decode_sjd(self.transformer, job, sampling, seeds, progress, should_cancel,
+                                          step_fn=self.step_fn)
+            else:
+                codes, stats = decode_ar(self.transformer, job, sampling, seeds, progress, should_cancel,
+                                         step_fn=self.step_fn)
         stats["prompt_tokens"] = job.prompt_tokens
         return GeneratedCodes(codes=codes.cpu(), request=request, seeds=seeds, stats=stats)
 
@@ -164,4 +181,5 @@ class LuminaPipeline:
         grid = codes.codes if isinstance(codes, GeneratedCodes) else codes
         if self.movqgan is None:
             raise RuntimeError("this pipeline has no MoVQGAN to decode with")
-        return self.movqgan.decode(grid.to(self.device)).clamp(-1, 1)
+        with cpu_threads(self.threads):
+            return self.movqgan.decode(grid.to(self.device)).clamp(-1, 1)

@@ -12,17 +12,52 @@ import torch
 from PIL import Image
 
 from .images import center_crop, pil_to_tensor
-from .tasks import TaskSpec, get_task
-from .tokens import GRID_PIXELS, image_token_count
+from .tasks import TASKS, TaskSpec, get_task
+from .tokens import GRID_PIXELS, PIXELS_PER_CODE
 from .errors import InputError
 
 # The official generate path caps new tokens at 10,240 (max_gen_len); squares above 800x800 then
 # never reach the image end and silently produce nothing (reference section j.13).
 DEFAULT_MAX_POSITIONS = 10240
+# Image start, height size token, width size token: the header before the image body.
+IMAGE_HEADER_TOKENS = 3
+# Room left for the prompt where its real length is not known yet (the frontend's resolution
+# picker): the official templates with a sentence of prompt stay under it.
+PROMPT_RESERVE_TOKENS = 64
+# Aspect ratios (width:height of one panel) and panel sides that the resolution picker offers.
+PICKER_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (2, 1), (1, 2))
+PICKER_SIDES = (64, 96, 128, 192, 256, 384, 512, 640, 768, 896, 1024)
 
 
 class RequestError(InputError):
     """A request that cannot be generated as given (the message says what is allowed)."""
+
+
+# --- the size and token-budget rules: the ONE place (nodes, web extension, memory planner call these) ---
+
+def body_length(rows: int, cols: int) -> int:
+    """Body tokens of a code grid: every row with its new line, then the image end."""
+    return rows * (cols + 1) + 1
+
+
+def image_token_count(width: int, height: int) -> int:
+    """Tokens of one whole image in the grammar: start, H, W, rows with new lines, end."""
+    return IMAGE_HEADER_TOKENS + body_length(height // PIXELS_PER_CODE, width // PIXELS_PER_CODE)
+
+
+def sequence_positions(width: int, height: int, prompt_tokens: int = 0) -> int:
+    """Positions a request fills: the prompt tokens, then the whole image."""
+    return prompt_tokens + image_token_count(width, height)
+
+
+def cfg_rows(num_images: int, cfg: float) -> int:
+    """Rows of the sampling batch: a conditional and an unconditional row per image; cfg 1 has no unconditional row."""
+    return num_images if cfg == 1.0 else 2 * num_images
+
+
+def height_step(task: str) -> int:
+    """Grid step of the FULL height: 32 px, or 64 px for dual-panel tasks (two panels on the 32 px grid)."""
+    return 2 * GRID_PIXELS if get_task(task).dual_panel else GRID_PIXELS
 
 
 def _nearest_grid_sizes(value: int, step: int) -> str:
@@ -31,12 +66,81 @@ def _nearest_grid_sizes(value: int, step: int) -> str:
     return f"{lower}" if lower == upper else f"{lower} or {upper}"
 
 
-def largest_square_size(max_positions: int, prompt_tokens: int = 0, step: int = GRID_PIXELS) -> int:
-    """Largest square side (multiple of ``step``) whose prompt + image tokens fit in ``max_positions``; 0 if none."""
+def largest_size(task: str, max_positions: int, prompt_tokens: int = 0) -> Optional[tuple[int, int]]:
+    """Largest (width, height) with square panels whose prompt + image tokens fit; None when nothing fits."""
+    panels = 2 if get_task(task).dual_panel else 1
     side = 0
-    while prompt_tokens + image_token_count(side + step, side + step) <= max_positions:
-        side += step
-    return side
+    while sequence_positions(side + GRID_PIXELS, panels * (side + GRID_PIXELS), prompt_tokens) <= max_positions:
+        side += GRID_PIXELS
+    return (side, panels * side) if side else None
+
+
+def grid_problem(task: str, width: int, height: int) -> Optional[str]:
+    """Why (width, height) is off the size grid of the task, or None."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return f"{name} must be a positive integer, got {value!r}"
+    if width % GRID_PIXELS:
+        return (f"width {width} is not a multiple of {GRID_PIXELS} px; "
+                f"nearest valid widths: {_nearest_grid_sizes(width, GRID_PIXELS)}")
+    step_h = height_step(task)
+    if height % step_h:
+        if step_h != GRID_PIXELS:
+            return (f"height {height} of the dual-panel task {task!r} must split into two panels whose height is "
+                    f"a multiple of {GRID_PIXELS} px, i.e. a multiple of {step_h}; nearest valid heights: "
+                    f"{_nearest_grid_sizes(height, step_h)}")
+        return (f"height {height} is not a multiple of {GRID_PIXELS} px; "
+                f"nearest valid heights: {_nearest_grid_sizes(height, step_h)}")
+    return None
+
+
+def budget_problem(task: str, width: int, height: int, max_positions: int, prompt_tokens: int = 0) -> Optional[str]:
+    """Why the prompt + image tokens of (width, height) do not fit the model's positions, or None."""
+    tokens = image_token_count(width, height)
+    total = prompt_tokens + tokens
+    if total <= max_positions:
+        return None
+    largest = largest_size(task, max_positions, prompt_tokens)
+    allowed = (f"the largest {task} size this model allows is {largest[0]}x{largest[1]} (the resolution picker "
+               "lists other shapes that fit)" if largest else f"no {task} image fits with this prompt; shorten it")
+    return (f"{width}x{height} needs {tokens} image tokens + {prompt_tokens} prompt tokens = {total}, more than the "
+            f"{max_positions} positions this model has; {allowed}")
+
+
+def size_problem(task: str, width: int, height: int, max_positions: int = DEFAULT_MAX_POSITIONS,
+                 prompt_tokens: int = 0) -> Optional[str]:
+    """Why (task, width, height) cannot be generated, or None: the task, the grid, the panel split, the token budget."""
+    try:
+        get_task(task)
+    except ValueError as exc:
+        return str(exc)
+    return grid_problem(task, width, height) or budget_problem(task, width, height, max_positions, prompt_tokens)
+
+
+def size_choices(dual_panel: bool, max_positions: int,
+                 prompt_tokens: int = PROMPT_RESERVE_TOKENS) -> list[dict]:
+    """Grid sizes of the picker that fit the budget, fewest tokens first: {width, height, panel, ratio, tokens}."""
+    seen, out = set(), []
+    for side in PICKER_SIDES:
+        for rw, rh in PICKER_RATIOS:
+            area = side * side
+            pw = max(GRID_PIXELS, round((area * rw / rh) ** 0.5 / GRID_PIXELS) * GRID_PIXELS)
+            ph = max(GRID_PIXELS, round((area * rh / rw) ** 0.5 / GRID_PIXELS) * GRID_PIXELS)
+            width, height = pw, (2 * ph if dual_panel else ph)
+            if (width, height) in seen or sequence_positions(width, height, prompt_tokens) > max_positions:
+                continue
+            seen.add((width, height))
+            exact = pw * rh == ph * rw  # the grid cannot always hit the nominal ratio
+            out.append({"width": width, "height": height, "panel": [pw, ph],
+                        "ratio": f"{'' if exact else '≈'}{rw}:{rh}", "tokens": image_token_count(width, height)})
+    return sorted(out, key=lambda c: (c["tokens"], c["width"]))
+
+
+def web_constants() -> dict:
+    """The size rules' constants for the web extension (it never retypes them): grid, codes, header, tasks."""
+    return {"grid": GRID_PIXELS, "pixels_per_code": PIXELS_PER_CODE, "header_tokens": IMAGE_HEADER_TOKENS,
+            "prompt_reserve": PROMPT_RESERVE_TOKENS, "default_max_positions": DEFAULT_MAX_POSITIONS,
+            "dual_panel": {key: spec.dual_panel for key, spec in TASKS.items()}}
 
 
 @dataclass(frozen=True)
@@ -89,23 +193,9 @@ class Request:
     def _check_fields(self) -> None:
         spec = get_task(self.task)  # raises for unknown tasks with the allowed list
         spec.template(self.template)  # raises for unknown templates with the allowed list
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise RequestError(f"{name} must be a positive integer, got {value!r}")
-        if self.width % GRID_PIXELS:
-            raise RequestError(f"width {self.width} is not a multiple of {GRID_PIXELS} px; "
-                               f"nearest valid widths: {_nearest_grid_sizes(self.width, GRID_PIXELS)}")
-        step_h = 2 * GRID_PIXELS if spec.dual_panel else GRID_PIXELS
-        if self.height % step_h:
-            if spec.dual_panel:
-                raise RequestError(
-                    f"height {self.height} of the dual-panel task {self.task!r} must split into two panels whose "
-                    f"height is a multiple of {GRID_PIXELS} px, i.e. a multiple of {step_h}; nearest valid "
-                    f"heights: {_nearest_grid_sizes(self.height, step_h)}"
-                )
-            raise RequestError(f"height {self.height} is not a multiple of {GRID_PIXELS} px; "
-                               f"nearest valid heights: {_nearest_grid_sizes(self.height, step_h)}")
+        problem = grid_problem(self.task, self.width, self.height)
+        if problem:
+            raise RequestError(problem)
         if spec.reference_upper and self.reference is None:
             raise RequestError(f"task {self.task!r} needs a reference image (it fills the upper panel)")
         if not spec.reference_upper and self.reference is not None:
@@ -120,15 +210,9 @@ class Request:
     def validate(self, max_positions: int = DEFAULT_MAX_POSITIONS, prompt_tokens: int = 0) -> "Request":
         """Check everything, including that prompt + image tokens fit in ``max_positions``; return self."""
         self._check_fields()
-        total = prompt_tokens + self.image_tokens
-        if total > max_positions:
-            step = 2 * GRID_PIXELS if self.is_dual_panel else GRID_PIXELS
-            side = largest_square_size(max_positions, prompt_tokens, step)
-            raise RequestError(
-                f"{self.width}x{self.height} needs {self.image_tokens} image tokens + {prompt_tokens} prompt tokens "
-                f"= {total}, more than the allowed {max_positions} positions; the largest allowed square is "
-                f"{side}x{side}. To go larger, raise the cap explicitly (max_positions) if the model and memory allow"
-            )
+        problem = budget_problem(self.task, self.width, self.height, max_positions, prompt_tokens)
+        if problem:
+            raise RequestError(problem)
         return self
 
     # --- what the pipeline consumes -----------------------------------------------------------

@@ -37,8 +37,8 @@ SIZE_TOKEN_BASE = 8800
 # The size-token string keeps 4 digits before '>', so n = 1..1199 are the representable grids.
 MAX_SIZE_GRIDS = 1199
 GRID_PIXELS = 32          # one size-token unit
-LATENT_PER_GRID = 4       # MoVQGAN downsamples by 8: 32 px grid = 4 latent rows/cols
-PIXELS_PER_CODE = 8
+PIXELS_PER_CODE = 8       # MoVQGAN downsamples by 8
+LATENT_PER_GRID = GRID_PIXELS // PIXELS_PER_CODE  # latent rows/cols per size-token grid (4)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # The embedding may have a few rows no token uses (the release: 171385 rows, one spare for the
@@ -263,12 +263,6 @@ def load_tokens(folder: str | os.PathLike, movqgan_codes: int | None = None,
 def prompt_ids(tokenizer: Any, layout: TokenLayout, text: str) -> list[int]:
     """Official prompt encoding: BOS + text (no special tokens, no chat template) + separator."""
     return [layout.bos, *tokenizer.encode(text, add_special_tokens=False), layout.separator]
-
-
-def image_token_count(width: int, height: int) -> int:
-    """Tokens of one whole image in the grammar: start, H, W, rows with new lines, end."""
-    rows, cols = height // PIXELS_PER_CODE, width // PIXELS_PER_CODE
-    return 3 + rows * (cols + 1) + 1
 
 
 def _grid_of(latent: int, what: str) -> int:

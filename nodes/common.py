@@ -49,3 +49,9 @@ def comfy_to_pil_list(images: torch.Tensor) -> list[Image.Image]:
 def pil_to_comfy(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> ComfyUI IMAGE [B, H, W, 3] float32 0..1."""
     return pil_to_unit(images)
+
+
+# "Model default" on a node: 0 in a size or number widget, this entry in a combo. The value is
+# resolved from the pipe's ModelDefaults at run time; an explicit value always wins.
+MODEL_DEFAULT_SIZE = 0
+MODEL_DEFAULT = "model default"

@@ -5,32 +5,26 @@ from typing import Any, Optional
 
 import torch
 
-from ..lumina_core.request import DEFAULT_MAX_POSITIONS, Request, RequestError
+from ..lumina_core.defaults import ModelDefaults
+from ..lumina_core.request import (DEFAULT_MAX_POSITIONS, Request, RequestError, budget_problem, grid_problem,
+                                   size_choices, web_constants)
 from ..lumina_core.tasks import TASKS, TEMPLATE_KINDS, get_task
-from ..lumina_core.tokens import GRID_PIXELS, image_token_count
-from .common import CATEGORY, REQUEST, NodeInputError, comfy_image_to_pil
+from ..lumina_core.tokens import GRID_PIXELS
+from .common import CATEGORY, MODEL_DEFAULT_SIZE, PIPE, REQUEST, NodeInputError, comfy_image_to_pil
 
-MIN_SIDE = GRID_PIXELS
-MAX_SIDE = 2048
+MAX_SIDE = 2048  # 64 size-token grids: far past what any budget allows for the other side at 32 px
 
 
-def size_problem(task: str, width: int, height: int, max_positions: int = DEFAULT_MAX_POSITIONS) -> Optional[str]:
-    """Why (task, width, height) cannot be generated, or None when it can (grid, panel split, token budget)."""
-    try:
-        spec = get_task(task)
-    except ValueError as exc:
-        return str(exc)
-    if width % GRID_PIXELS or height % GRID_PIXELS:
-        return (f"width and height must be multiples of {GRID_PIXELS} px (the model's size grid); "
-                f"got {width}x{height}")
-    if spec.dual_panel and height % (2 * GRID_PIXELS):
-        return (f"task {task!r} makes a dual-panel image (two stacked panels of {width}x{height // 2}); the height "
-                f"must be a multiple of {2 * GRID_PIXELS} px so that each panel fits the {GRID_PIXELS} px grid")
-    tokens = image_token_count(width, height)
-    if tokens > max_positions:
-        return (f"{width}x{height} costs {tokens} image tokens, more than the model's budget of {max_positions}; "
-                "choose a smaller size (the resolution picker lists the sizes that fit)")
-    return None
+def size_metadata(max_positions: list[int]) -> dict:
+    """What the web extension needs for the resolution picker: the constants and the sizes per budget."""
+    return {**web_constants(),
+            "choices": {str(n): {"single": size_choices(False, n), "dual": size_choices(True, n)}
+                        for n in sorted(set(max_positions) | {DEFAULT_MAX_POSITIONS})}}
+
+
+def resolved_size(task: str, width: int, height: int, defaults: ModelDefaults) -> tuple[int, int]:
+    """The size to generate: each of width/height as typed, or the model's default for the task where 0."""
+    return defaults.size(task, width or None, height or None)
 
 
 class LuminaMGPT2DualPanelComposer:
@@ -43,21 +37,27 @@ class LuminaMGPT2DualPanelComposer:
     OUTPUT_TOOLTIPS = ("What to generate; connect to ARSampler-SJD.",
                        "The exact prompt text the model will see (template filled in).")
     DESCRIPTION = ("Choose the task and output size, write the prompt, and for tasks whose upper panel is given "
-                   "(subject, edit, control, dense) connect the reference or control-map IMAGE.")
+                   "(subject, edit, control, dense) connect the reference or control-map IMAGE. Connect the "
+                   "Loader's pipe so that 'model default' sizes and the size limit come from the model.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        """Widgets: task, width, height, prompt, template; optional reference image and subject text."""
+        """Widgets: task, width, height, prompt, template; optional reference image, subject text and pipe."""
+        from .loader import model_facts  # the models in the Loader's dropdown, for the picker's size lists
+
+        side = {"min": 0, "max": MAX_SIDE, "step": GRID_PIXELS, "default": MODEL_DEFAULT_SIZE}
+        budgets = [facts["max_positions"] for facts in model_facts().values()]
         return {
             "required": {
-                "task": (list(TASKS), {"default": "t2i", "tooltip": "t2i; pair_* (image + condition map from "
-                                       "text); subject; edit; control_* (map in the upper panel -> image); "
-                                       "dense_* (image in the upper panel -> map)"}),
-                "width": ("INT", {"default": 768, "min": MIN_SIDE, "max": MAX_SIDE, "step": GRID_PIXELS,
-                                  "tooltip": "Full output width, a multiple of 32 px."}),
-                "height": ("INT", {"default": 768, "min": MIN_SIDE, "max": MAX_SIDE, "step": GRID_PIXELS,
-                                   "tooltip": "Full output height (both panels for dual-panel tasks), a "
-                                              "multiple of 32 px, of 64 px for dual-panel tasks."}),
+                "task": (list(TASKS), {"default": "t2i", "lumina": size_metadata(budgets),
+                                       "tooltip": "t2i; pair_* (image + condition map from text); subject; edit; "
+                                                  "control_* (map in the upper panel -> image); dense_* (image in "
+                                                  "the upper panel -> map)"}),
+                "width": ("INT", {**side, "tooltip": "Full output width, a multiple of 32 px; 0 = the model's "
+                                                    "default for the task (768 official, 64 for the demo)."}),
+                "height": ("INT", {**side, "tooltip": "Full output height (both panels for dual-panel tasks), a "
+                                                     "multiple of 32 px, of 64 px for dual-panel tasks; 0 = the "
+                                                     "model's default for the task."}),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "What the image shows (or, for edit, the instruction)."}),
                 "template": (list(TEMPLATE_KINDS), {"default": "official",
@@ -70,26 +70,24 @@ class LuminaMGPT2DualPanelComposer:
                                                "center-cropped to the panel size as the official code does."}),
                 "subject": ("STRING", {"default": "", "tooltip": "Object description for the paper's subject "
                                                                    "template."}),
+                "pipe": (PIPE, {"tooltip": "The Loader's pipe: 'model default' sizes, the size limit and the "
+                                           "tasks the model knows come from it (without it: the official ones)."}),
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, task: str = "t2i", width: int = 768, height: int = 768,
-                        template: str = "official") -> Any:
-        """Reject unknown tasks/templates and sizes off the grid or over the token budget, with a readable reason."""
-        if task is None or width is None or height is None:  # linked from another node: checked when run
-            return True
-        if template is not None and template not in TEMPLATE_KINDS:
-            return f"template {template!r} is not one of {list(TEMPLATE_KINDS)}"
-        return size_problem(task, int(width), int(height)) or True
-
     def compose(self, task: str, width: int, height: int, prompt: str, template: str,
-                image: Optional[torch.Tensor] = None, subject: str = "") -> dict:
-        """Build the Request; show the final prompt on the node."""
-        problem = size_problem(task, width, height)
+                image: Optional[torch.Tensor] = None, subject: str = "", pipe: Any = None) -> dict:
+        """Build the Request at the resolved size; show the final prompt, the size and any warning on the node."""
+        try:
+            spec = get_task(task)
+        except ValueError as exc:
+            raise NodeInputError(str(exc)) from None
+        defaults = getattr(pipe, "defaults", None) or ModelDefaults.official()
+        max_positions = getattr(pipe, "max_positions", None) or DEFAULT_MAX_POSITIONS
+        width, height = resolved_size(task, int(width), int(height), defaults)
+        problem = grid_problem(task, width, height)
         if problem:
             raise NodeInputError(problem)
-        spec = get_task(task)
         reference = None
         if spec.reference_upper:
             if image is None:
@@ -103,7 +101,15 @@ class LuminaMGPT2DualPanelComposer:
             final_prompt = request.prompt_text()
         except RequestError as exc:
             raise NodeInputError(str(exc)) from None
-        notes = []
+        prompt_tokens = pipe.prompt_tokens(request) if hasattr(pipe, "prompt_tokens") else 0
+        problem = budget_problem(task, width, height, max_positions, prompt_tokens)
+        if problem:
+            raise NodeInputError(problem)
+        panels = f" (two {width}x{height // 2} panels)" if spec.dual_panel else ""
+        notes = [f"size: {width}x{height}{panels}"]
+        warning = defaults.task_warning(task) if pipe is not None else None
+        if warning:
+            notes.append(warning)
         if image is not None and not spec.reference_upper:
             notes.append(f"note: task {task!r} generates the whole image; the connected image is ignored")
         if image is not None and image.shape[0] > 1:

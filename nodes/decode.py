@@ -33,7 +33,8 @@ class LuminaMGPT2VQDecode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         """pipe and codes."""
-        return {"required": {"pipe": (PIPE,), "codes": (CODES,)}}
+        return {"required": {"pipe": (PIPE, {"tooltip": "The Loader's pipe (its MoVQGAN decodes the codes)."}),
+                             "codes": (CODES, {"tooltip": "Codes from ARSampler-SJD."})}}
 
     def decode(self, pipe: Any, codes: Any) -> tuple:
         """Decode every image of the batch; return full, upper and lower IMAGE batches."""

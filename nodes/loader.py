@@ -5,7 +5,11 @@ import logging
 
 import torch
 
-from ..lumina_core.hub import BUILTIN_MODELS, OFFICIAL_MODEL_REPOS, is_repo_id, resolve_model, safe_model_name
+from ..lumina_core.defaults import ModelDefaults
+from ..lumina_core.errors import InputError
+from ..lumina_core.hub import (BUILTIN_MODELS, MOVQGAN_FILE, OFFICIAL_MODEL_REPOS, ModelNotFoundError, is_repo_id,
+                               resolve_model, safe_model_name)
+from ..lumina_core.request import DEFAULT_MAX_POSITIONS
 from . import comfy_bridge as bridge
 from .common import CATEGORY, PIPE, NodeInputError
 
@@ -18,6 +22,26 @@ QUANTIZATIONS = ("none", "int8", "int4")
 def model_choices() -> list[str]:
     """The dropdown: checkpoint folders present in models/lumina_mgpt2, the official repo ids, then the built-in demo."""
     return list(dict.fromkeys([*bridge.local_model_names(), *OFFICIAL_MODEL_REPOS, *BUILTIN_MODELS]))
+
+
+def model_facts() -> dict[str, dict]:
+    """For each model of the dropdown: its positions and its defaults (from its folder when present, else official).
+
+    The web extension reads these (node metadata) to show the sizes that fit the connected model.
+    """
+    from ..lumina_core.config import ModelConfig
+
+    facts = {}
+    for name in model_choices():
+        max_positions, defaults = DEFAULT_MAX_POSITIONS, ModelDefaults.official()
+        try:
+            folder = resolve_model(name, search_dirs=bridge.model_dirs(), auto_download=False, allow_paths=False)
+            max_positions = ModelConfig.from_pretrained(folder).max_position_embeddings
+            defaults = ModelDefaults.from_folder(folder)
+        except (InputError, OSError):  # not downloaded yet, or a broken folder the Loader will report
+            pass
+        facts[name] = {"max_positions": max_positions, "defaults": defaults.to_dict()}
+    return facts
 
 
 def checked_model_name(model: str) -> str:
@@ -50,10 +74,11 @@ class LuminaMGPT2Loader:
         choices = model_choices()
         return {
             "required": {
-                "model": (choices, {"default": choices[0], "tooltip": "A folder in models/lumina_mgpt2, an "
-                                    "official Hugging Face repo id (needs auto_download or a prior download), or "
-                                    "demo: the tiny built-in shapes model (64x64; sampler guidance constant, "
-                                    "cfg 1.5-2, top_k ~50)."}),
+                "model": (choices, {"default": choices[0], "lumina_models": model_facts(),
+                                    "tooltip": "A folder in models/lumina_mgpt2, an official Hugging Face repo id "
+                                    "(needs auto_download or a prior download), or demo: the tiny built-in model "
+                                    "of coloured shapes (t2i, control_canny, dense_canny at 64 px panels; its own "
+                                    "sampling settings come with it)."}),
                 "auto_download": ("BOOLEAN", {"default": False, "tooltip": "Download a missing official model "
                                               "into models/lumina_mgpt2 (progress in the console)."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 where the device is fast "
@@ -76,7 +101,12 @@ class LuminaMGPT2Loader:
             raise NodeInputError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
         dirs = bridge.model_dirs()
         # allow_paths=False: workflow values are untrusted; only names inside the model folders resolve.
-        folder = resolve_model(name, search_dirs=dirs, auto_download=bool(auto_download), allow_paths=False)
+        try:
+            folder = resolve_model(name, search_dirs=dirs, auto_download=bool(auto_download), allow_paths=False)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{exc}\nThe image tokenizer {MOVQGAN_FILE} (MoVQGAN) goes into the same "
+                                     f"folder or into models/lumina_mgpt2/ itself (auto_download fetches it "
+                                     "too).") from None
         compute = bridge.torch_device()
         torch_dtype = DTYPES[dtype] or bridge.auto_dtype(compute)
         quant = None if quantization == "none" else quantization

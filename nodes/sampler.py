@@ -10,12 +10,13 @@ import torch
 
 from ..lumina_core.sampling import GUIDANCE_MODES
 from . import comfy_bridge as bridge
-from .common import CATEGORY, CODES, PIPE, REQUEST, NodeInputError
+from .common import CATEGORY, CODES, MODEL_DEFAULT, PIPE, REQUEST, NodeInputError
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-GUIDANCE_TOOLTIP = ("How cfg is applied over the image. official: the official schedule, which never lets "
+GUIDANCE_TOOLTIP = ("How cfg is applied over the image. model default: the model's own (official for the "
+                    "released model, constant for the demo). official: the official schedule, which never lets "
                     "guidance fall below 4.0 inside the image: a cfg in (1, 4) becomes 4.0 at the first image "
                     "token, a cfg above 4 decays towards 4.0 as the rows fill (cfg 1 = off stays off). "
                     "constant: cfg at every token, so a cfg below 4 really applies (small models such as the "
@@ -120,12 +121,20 @@ class RowProgress:
         return tensor_to_pil(pixels[0])
 
 
-def kv_cache_bytes(pipe: Any, request: Any, batch: int) -> int:
-    """Rough memory of the sampler's KV cache (CFG doubles the batch) for ComfyUI to reserve."""
-    cfg = pipe.config
-    positions = request.image_tokens + 512  # the prompt is short; 512 tokens of head room
-    itemsize = torch.empty((), dtype=pipe.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 2 * batch * itemsize
+def kv_cache_bytes(pipe: Any, request: Any, sampling: Any) -> int:
+    """Memory of the sampler's KV cache for ComfyUI to reserve (the request's positions, one row per CFG branch)."""
+    from ..lumina_core.model import KVCache, kv_storage_dtype
+    from ..lumina_core.request import cfg_rows, sequence_positions
+
+    positions = sequence_positions(request.width, request.height, pipe.prompt_tokens(request)) + sampling.sjd_window
+    return KVCache.nbytes_for(pipe.config, cfg_rows(sampling.num_images, sampling.cfg), positions,
+                              kv_storage_dtype(sampling.kv_cache, pipe.dtype))
+
+
+def resolved_sampling(pipe: Any, cfg: float, top_k: int, guidance: str) -> dict:
+    """cfg, guidance and top_k to sample with: each widget's value, or the model's own where it says model default."""
+    return pipe.defaults.sampling(cfg=cfg or None, guidance=None if guidance == MODEL_DEFAULT else guidance,
+                                  top_k=top_k or None)
 
 
 class LuminaMGPT2ARSamplerSJD:
@@ -144,14 +153,19 @@ class LuminaMGPT2ARSamplerSJD:
         """pipe, request, seed, cfg, top_k, temperature, sjd, sjd_window, batch_size; optional guidance."""
         return {
             "required": {
-                "pipe": (PIPE,),
-                "request": (REQUEST,),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale (official default 4.0; 1 = off)."}),
-                "top_k": ("INT", {"default": 4096, "min": 1, "max": 16384,
-                                  "tooltip": "Sample among the k most likely image codes (official 4096)."}),
-                "temperature": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 2.0, "step": 0.01, "round": 0.01}),
+                "pipe": (PIPE, {"tooltip": "The Loader's pipe; 'model default' settings come from its model."}),
+                "request": (REQUEST, {"tooltip": "What to generate, from DualPanelComposer."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Random seed of the first image; image i of the batch uses seed + i."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 16.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale; 0 = the model's default (4.0 for "
+                                             "the released model, 1.5 for the demo); 1 = off."}),
+                "top_k": ("INT", {"default": 0, "min": 0, "max": 16384,
+                                  "tooltip": "Sample among the k most likely image codes; 0 = the model's default "
+                                             "(4096 for the released model, 50 for the demo)."}),
+                "temperature": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 2.0, "step": 0.01, "round": 0.01,
+                                          "tooltip": "Softmax temperature of the image codes (1.0 official; lower "
+                                                     "is safer and plainer)."}),
                 "sjd": ("BOOLEAN", {"default": False, "tooltip": "Speculative Jacobi decoding: several tokens "
                                     "per step, same distribution, faster."}),
                 "sjd_window": ("INT", {"default": 16, "min": 2, "max": 64,
@@ -160,27 +174,38 @@ class LuminaMGPT2ARSamplerSJD:
                                        "several to Verifier-BestOfN)."}),
             },
             # Optional and last, so that workflows saved before it existed keep their widget values in
-            # line and queue without it (the frontend and sample() then use "official").
+            # line and queue without it (the frontend and sample() then use the model's default).
             "optional": {
-                "guidance": (list(GUIDANCE_MODES), {"default": "official", "tooltip": GUIDANCE_TOOLTIP}),
+                "guidance": ([MODEL_DEFAULT, *GUIDANCE_MODES], {"default": MODEL_DEFAULT,
+                                                                "tooltip": GUIDANCE_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, pipe: Any, request: Any, seed: int, cfg: float, top_k: int, temperature: float, sjd: bool,
-               sjd_window: int, batch_size: int, guidance: str = "official", unique_id: Optional[str] = None,
-               previews: bool = True) -> tuple:
+               sjd_window: int, batch_size: int, guidance: str = MODEL_DEFAULT, unique_id: Optional[str] = None,
+               previews: bool = True) -> dict:
         """Run the pipeline's generate under ComfyUI's memory manager, progress bar and cancel button."""
         from ..lumina_core.sampling import GenerationCancelled, SamplingConfig
 
         if not hasattr(pipe, "generate"):
             raise NodeInputError("the pipe input must come from the Lumina-mGPT 2.0 Loader")
-        if guidance not in GUIDANCE_MODES:
-            raise NodeInputError(f"guidance {guidance!r} is not one of {list(GUIDANCE_MODES)}")
-        sampling = SamplingConfig(cfg=float(cfg), guidance=guidance, top_k=int(top_k), temperature=float(temperature),
-                                  sjd=bool(sjd), sjd_window=int(sjd_window), seed=int(seed),
-                                  num_images=int(batch_size))
-        bridge.load_on_device(pipe, memory_required=kv_cache_bytes(pipe, request, int(batch_size)))
+        if guidance not in (MODEL_DEFAULT, *GUIDANCE_MODES):
+            raise NodeInputError(f"guidance {guidance!r} is not one of {[MODEL_DEFAULT, *GUIDANCE_MODES]}")
+        settings = resolved_sampling(pipe, float(cfg), int(top_k), guidance)
+        try:
+            sampling = SamplingConfig(**settings, temperature=float(temperature), sjd=bool(sjd),
+                                      sjd_window=int(sjd_window), seed=int(seed), num_images=int(batch_size))
+        except ValueError as exc:
+            raise NodeInputError(f"{exc} (0 = the model's default)") from None
+        shown = [f"{request.task} {request.width}x{request.height}, cfg {sampling.cfg:g} ({sampling.guidance} "
+                 f"guidance), top_k {sampling.top_k}, seed {sampling.seed}"
+                 + (f"..{sampling.seed + sampling.num_images - 1}" if sampling.num_images > 1 else "")]
+        warning = pipe.defaults.task_warning(request.task)
+        if warning:
+            logger.warning("Lumina-mGPT 2.0: %s", warning)
+            shown.append(warning)
+        bridge.load_on_device(pipe, memory_required=kv_cache_bytes(pipe, request, sampling))
         rows = request.height // 8
         progress = RowProgress(pipe, rows, node_id=unique_id, previews=previews)
         started = time.perf_counter()
@@ -201,4 +226,4 @@ class LuminaMGPT2ARSamplerSJD:
         codes.stats["previews"] = progress.policy.count
         logger.info("Lumina-mGPT 2.0: %d image(s) %dx%d in %.1f s (previews %.1f%% of the time)", batch_size,
                     request.width, request.height, seconds, 100 * progress.policy.spent / max(seconds, 1e-9))
-        return (codes,)
+        return {"ui": {"text": shown}, "result": (codes,)}

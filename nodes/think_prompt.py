@@ -29,8 +29,12 @@ class LuminaMGPT2ThinkPrompt:
         """prompt, enabled, endpoint, model."""
         return {
             "required": {
-                "prompt": ("STRING", {"multiline": True, "default": ""}),
-                "enabled": ("BOOLEAN", {"default": True, "label_on": "refine", "label_off": "pass through"}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The short prompt to refine (connect the refined prompt output "
+                                                 "to the composer's prompt)."}),
+                "enabled": ("BOOLEAN", {"default": True, "label_on": "refine", "label_off": "pass through",
+                                        "tooltip": "refine: ask the endpoint; pass through: hand the prompt on "
+                                                   "unchanged (no network)."}),
                 "endpoint": ("STRING", {"default": "", "placeholder": "empty: $OPENAI_BASE_URL or OpenAI; "
                                         "e.g. http://localhost:11434/v1",
                                         "tooltip": "Base URL of an OpenAI-compatible API."}),

@@ -37,6 +37,7 @@ class Graph:
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self.column = 0
+        self.view = {"scale": 0.75, "offset": [40, 80]}
 
     def add(self, node_type: str, widgets: dict | None = None, pos: tuple[int, int] = (0, 0),
             title: str | None = None, size: tuple[int, int] = (320, 200)) -> dict:
@@ -112,30 +113,59 @@ class Graph:
             "groups": [{"id": 1, "title": self.title, "bounding": [min(xs) - 20, min(ys) - 60,
                                                                    x2 - min(xs) + 40, y2 - min(ys) + 80],
                         "color": "#3f789e", "font_size": 24, "flags": {}}],
-            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 80]}, "info": {"title": self.title}},
+            "config": {}, "extra": {"ds": self.view, "info": {"title": self.title}},
             "version": 0.4,
         }
 
 
-def note_text(task: str, what: str, settings: list[str]) -> str:
-    lines = [f"Lumina-mGPT 2.0: {what}", "",
+DEMO_CAN = ("The demo (Loader: demo) is a 3.6 M-parameter model of coloured shapes, built into the pack: no "
+            "download, a few seconds on a CPU. It knows t2i, control_canny and dense_canny at 64 px panels (64x64, "
+            "or 64x128 for two panels) and prompts of the form 'a blue square in the bottom right' or 'a red "
+            "circle above a green triangle' (colours red, orange, yellow, green, blue, purple; shapes circle, "
+            "square, triangle; in the center / top left / top right / bottom left / bottom right; above, below, "
+            "to the left of, to the right of). It cannot draw anything else: other prompts and other tasks run "
+            "but give noise.")
+
+
+def note_text(title: str, settings: list[str], demo: str) -> str:
+    """The Read-me note: what to set, how to try it on the demo, what the demo can and cannot do."""
+    lines = [f"Lumina-mGPT 2.0: {title}", "",
              "Model files go in ComfyUI/models/lumina_mgpt2/<name>/ (config.json, model*.safetensors, "
-             "tokenizer.json, tokenizer_config.json, movqgan_270M.ckpt), or turn on auto_download in the Loader.",
-             "", "What to set:"]
+             "tokenizer.json, tokenizer_config.json, movqgan_270M.ckpt), or turn on auto_download in the Loader "
+             "(about 15 GB for the 7B in bf16; int8/int4 quantization for smaller GPUs).", "", "What to set:"]
     lines += [f"- {s}" for s in settings]
-    lines += ["", "Sizes: width and height on the 32 px grid; dual-panel tasks give the FULL size (two panels "
-              "stacked), so 512x1024 makes two 512x512 panels. The resolution picker on the composer lists valid "
-              "sizes and their token cost. About 15 GB of memory for the 7B model in bf16 (use int8/int4 "
-              "quantization on smaller GPUs)."]
+    lines += ["", "Sizes and sampling settings left at 0 / 'model default' come from the model (768x768 or "
+              "512x1024, cfg 4, top_k 4096 for the released model); type a value to override. Dual-panel tasks "
+              "give the FULL size (two panels stacked). The composer's resolution picker lists the sizes that fit "
+              "the connected model.", "", "Try it on the demo: " + demo, "", DEMO_CAN]
     return "\n".join(lines)
 
 
-def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *, width: int, height: int,
+# Frame of the saved view: the canvas area the frontend shows below its menus, in screen pixels.
+VIEW_WIDTH, VIEW_HEIGHT, VIEW_MARGIN = 1500, 760, 40
+
+
+def framing(nodes: list[dict]) -> dict:
+    """The saved view (extra.ds) that shows every node, title bars included, when the workflow opens."""
+    title_bar = 40
+    x1 = min(n["pos"][0] for n in nodes) - 30
+    y1 = min(n["pos"][1] for n in nodes) - title_bar - 70  # the group's title above the nodes
+    x2 = max(n["pos"][0] + n["size"][0] for n in nodes) + 30
+    y2 = max(n["pos"][1] + n["size"][1] for n in nodes) + 30
+    scale = round(min((VIEW_WIDTH - 2 * VIEW_MARGIN) / (x2 - x1), (VIEW_HEIGHT - 2 * VIEW_MARGIN) / (y2 - y1)), 3)
+    # The frontend draws graph point p at (p + offset) * scale.
+    return {"scale": scale, "offset": [round(VIEW_MARGIN / scale - x1), round(VIEW_MARGIN / scale - y1)]}
+
+
+def build(info: dict, task: str, title: str, settings: list[str], prompt: str, demo: str, *,
           image: str | None = None, canny: bool = False, think: bool = False, best_of: int = 0) -> Graph:
-    """One workflow: Loader -> (ThinkPrompt) -> Composer (<- LoadImage) -> Sampler -> VQDecode -> outputs."""
+    """One workflow: Loader -> (ThinkPrompt) -> Composer (<- LoadImage) -> Sampler -> VQDecode -> outputs.
+
+    Sizes and sampling settings stay at "model default", so the same file runs on the 7B and the demo.
+    """
     g = Graph(info, title)
     x = 0
-    g.add("Note", {"text": note_text(task, title, settings)}, pos=(x - 580, -420), size=(540, 360),
+    g.add("Note", {"text": note_text(title, settings, demo)}, pos=(x - 620, -420), size=(580, 560),
           title=f"Read me: {title}")
     loader = g.add("LuminaMGPT2Loader", {"model": MODEL}, pos=(x, 0), size=(340, 180))
     source = None
@@ -152,15 +182,15 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
         think_node = g.add("LuminaMGPT2ThinkPrompt", {"prompt": prompt}, pos=(x + 360, -420), size=(360, 260))
         reasoning = g.add("PreviewAny", {}, pos=(x + 760, -420), size=(320, 200), title="Reasoning")
         g.link(think_node, "reasoning", reasoning, "source")
-    composer = g.add("LuminaMGPT2DualPanelComposer", {"task": task, "width": width, "height": height,
-                                                      "prompt": prompt}, pos=(x + 720, 0), size=(380, 360),
-                     title=f"Composer: {title}")
+    composer = g.add("LuminaMGPT2DualPanelComposer", {"task": task, "prompt": prompt}, pos=(x + 720, 0),
+                     size=(380, 400), title=f"Composer: {title}")
+    g.link(loader, "pipe", composer, "pipe")
     if think_node is not None:
         g.link(think_node, "prompt", composer, "prompt")
     if source is not None:
         g.link(source[0], source[1], composer, "image")
     sampler = g.add("LuminaMGPT2ARSamplerSJD", {"batch_size": max(1, best_of)}, pos=(x + 1140, 0),
-                    size=(320, 360))
+                    size=(320, 400))
     g.link(loader, "pipe", sampler, "pipe")
     g.link(composer, "request", sampler, "request")
     decode = g.add("LuminaMGPT2VQDecode", {}, pos=(x + 1500, 0), size=(260, 120))
@@ -168,8 +198,15 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
     g.link(sampler, "codes", decode, "codes")
     prefix = f"lumina_mgpt2/{task}"
     if best_of:
-        best = g.add("LuminaMGPT2VerifierBestOfN", {"prompt": prompt}, pos=(x + 1800, 0), size=(340, 300))
+        best_spec = info["LuminaMGPT2VerifierBestOfN"]
+        best_inputs = [n for section in best_spec["input_order"].values() for n in section]
+        reads_request = "codes" in best_inputs or "request" in best_inputs
+        # The prompt is typed once: the verifier reads it from the request when it can.
+        best = g.add("LuminaMGPT2VerifierBestOfN", {} if reads_request else {"prompt": prompt},
+                     pos=(x + 1800, 0), size=(340, 300))
         g.link(decode, "image", best, "images")
+        if "request" in best_inputs:
+            g.link(composer, "request", best, "request")
         save = g.add("SaveImage", {"filename_prefix": prefix}, pos=(x + 2180, 0), size=(360, 400),
                      title="Best image")
         g.link(best, "best", save, "images")
@@ -179,7 +216,7 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
         g.link(best, "scores", scores, "source")
     else:
         save = g.add("SaveImage", {"filename_prefix": prefix}, pos=(x + 1800, 0), size=(360, 420),
-                     title="Full image (both panels)" if height != width or task != "t2i" else "Image")
+                     title="Full image (both panels)" if task != "t2i" else "Image")
         g.link(decode, "image", save, "images")
         if task != "t2i":
             lower = g.add("PreviewImage", {}, pos=(x + 1800, 460), size=(360, 300),
@@ -188,64 +225,79 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, *
             g.link(decode, "lower_panel", lower, "images")
             upper = g.add("PreviewImage", {}, pos=(x + 2200, 460), size=(360, 300), title="Upper panel")
             g.link(decode, "upper_panel", upper, "images")
+    g.view = framing(g.nodes)
     return g
+
+
+# Prompts the demo draws right most of the time (and the 7B draws too).
+DEMO_T2I_PROMPT = "a blue square in the bottom right"
+DEMO_PANEL_PROMPT = "a green circle in the top left"
 
 
 def catalogue(info: dict) -> dict[str, Graph]:
     """Every shipped workflow, by file stem."""
-    demo = ("Try it without downloads: pick demo in the Loader (a tiny built-in model of coloured shapes) and set "
-            "the sampler to guidance constant, cfg 1.5, top_k 50. ")
-    common = ["Loader: pick the model (or enable auto_download).",
-              "Sampler: seed, cfg (4.0 official), top_k (4096 official); SJD on for speed; guidance: "
-              "official keeps the guidance at 4.0 or more inside the image, constant applies cfg as set."]
+    common = ["Loader: pick the model (or enable auto_download); demo needs nothing.",
+              "Sampler: seed; SJD on for speed; cfg, top_k and guidance at 0 / model default use the model's own "
+              "(official schedule: guidance stays at 4.0 or more inside the image; constant: cfg as set)."]
+    demo_runs_only = ("switch the Loader to demo and queue: it runs, but this task is not one the demo was trained "
+                      "on, so the image is noise (the sampler shows a warning). Use the t2i, control_canny or "
+                      "dense_canny workflow to see the demo draw.")
     out: dict[str, Graph] = {}
-    out["t2i"] = build(info, "t2i", "Text to image",
-                       common + ["Composer: write the prompt; 768x768 by default.",
-                                 demo + "Composer: 64x64 and a prompt such as 'a blue square in the bottom right' "
-                                        "or 'a red circle above a green triangle'."],
-                       "A lighthouse on a rocky cliff at sunset, waves crashing below, warm golden light, highly "
-                       "detailed photograph.", width=768, height=768)
+    title = wt.WORKFLOW_TITLES
+    out["t2i"] = build(info, "t2i", title["t2i"],
+                       common + ["Composer: write the prompt; model default size (768x768 on the released model)."],
+                       DEMO_T2I_PROMPT,
+                       "switch the Loader to demo and queue as it is: the prompt is one the demo knows, so it "
+                       "draws a blue square in the bottom right (64x64). Change colour, shape or position.")
     out["t2i_think_best_of_n"] = build(
-        info, "t2i", "Text to image with ThinkPrompt and best-of-N",
+        info, "t2i", title["t2i_think_best_of_n"],
         common + ["ThinkPrompt: endpoint + model of an OpenAI-compatible API (key from OPENAI_API_KEY or the key "
                   "file, never here); off = pass the prompt through.",
                   "Sampler batch_size = N candidates; Verifier-BestOfN keeps the best (verifier weights in "
                   "models/lumina_mgpt2/verifiers/ or auto_download)."],
-        "a cat reading a newspaper in a cafe", width=768, height=768, think=True, best_of=4)
+        DEMO_T2I_PROMPT,
+        "switch the Loader to demo, set ThinkPrompt to pass through (an LLM's long prompt is beyond the demo) and "
+        "the verifier to demo_check (the demo's pixel checker): it keeps the best of 4 shapes images.",
+        think=True, best_of=4)
     for cond in ("depth", "canny", "hed", "openpose"):
         out[f"pair_{cond}"] = build(
-            info, f"pair_{cond}", f"Image pair: image + {CONDITION_WORDS[cond]} from text",
+            info, f"pair_{cond}", title[f"pair_{cond}"],
             common + [f"Composer: the prompt describes the image; the model draws it in the upper panel and its "
                       f"{CONDITION_WORDS[cond]} in the lower panel."],
             "A cozy reading corner with an armchair, a floor lamp and a bookshelf, soft afternoon light.",
-            width=512, height=1024)
+            demo_runs_only)
     out["subject"] = build(
-        info, "subject", "Subject-driven generation",
+        info, "subject", title["subject"],
         common + ["Load the subject's photo (upper panel); the prompt says where to put it."],
-        "The object standing on a wooden table in a sunlit kitchen.", width=512, height=1024, image=EXAMPLE_IMAGE)
+        "The object standing on a wooden table in a sunlit kitchen.", demo_runs_only, image=EXAMPLE_IMAGE)
     out["edit"] = build(
-        info, "edit", "Image editing",
+        info, "edit", title["edit"],
         common + ["Load the photo to edit (upper panel); the prompt is the edit instruction (paper-style "
                   "template: the official code has no edit string)."],
-        "Make it a snowy winter evening.", width=512, height=1024, image=EXAMPLE_IMAGE)
+        "Make it a snowy winter evening.", demo_runs_only, image=EXAMPLE_IMAGE)
     for cond in ("canny", "depth", "pose", "hed"):
-        settings = common + ([f"LoadImage: any photo; the core Canny node makes the edge map (tune its thresholds).",
-                              demo + "Composer: 64x128 and a prompt such as 'a green circle in the top left'. Load a "
-                                     "white-on-black edge map of simple shapes with lines about 4 px wide and connect "
-                                     "it straight to the composer (Canny's 1 px lines are too thin for the demo)."]
+        settings = common + (["LoadImage: any photo; the core Canny node makes the edge map (tune its thresholds)."]
                              if cond == "canny" else
                              [f"LoadImage: a {CONDITION_WORDS[cond]} (e.g. from a preprocessor pack such as "
                               f"comfyui_controlnet_aux); it fills the upper panel."])
+        demo = ("switch the Loader to demo: it paints the lower panel from the edge map and the prompt. It learned "
+                "white-on-black edge maps of simple shapes with lines about 4 px wide: load such a 64x64 map and "
+                "connect it straight to the composer (Canny's 1 px lines are too thin for it); the prompt names "
+                "the shapes, e.g. 'a green circle in the top left'." if cond == "canny" else demo_runs_only)
         out[f"control_{cond}"] = build(
-            info, f"control_{cond}", f"Controllable generation from a {CONDITION_WORDS[cond]}", settings,
-            "A futuristic city street at night with neon signs and rain reflections.", width=512, height=1024,
+            info, f"control_{cond}", title[f"control_{cond}"], settings,
+            DEMO_PANEL_PROMPT if cond == "canny" else
+            "A futuristic city street at night with neon signs and rain reflections.", demo,
             image=EXAMPLE_IMAGE, canny=(cond == "canny"))
     for cond in ("depth", "canny", "hed", "pose"):
+        demo = ("switch the Loader to demo: it draws the edge map of the upper panel. It learned 64x64 pictures of "
+                "one or two coloured shapes on a light background: load one (the prompt may name the shapes) and "
+                "the lower panel shows its edges." if cond == "canny" else demo_runs_only)
         out[f"dense_{cond}"] = build(
-            info, f"dense_{cond}", f"Dense prediction: {CONDITION_WORDS[cond]} of a photo",
+            info, f"dense_{cond}", title[f"dense_{cond}"],
             common + [f"LoadImage: the photo (upper panel); the lower panel becomes its {CONDITION_WORDS[cond]}.",
                       "The prompt can stay short or describe the photo."],
-            "A photo.", width=512, height=1024, image=EXAMPLE_IMAGE)
+            DEMO_PANEL_PROMPT if cond == "canny" else "A photo.", demo, image=EXAMPLE_IMAGE)
     return out
 
 
@@ -255,8 +307,9 @@ def main() -> int:
     API_DIR.mkdir(parents=True, exist_ok=True)
     for stem, graph in catalogue(info).items():
         ui = graph.to_ui()
-        (UI_DIR / f"lumina_mgpt2_{stem}.json").write_text(json.dumps(ui, indent=1) + "\n")
-        (API_DIR / f"lumina_mgpt2_{stem}.json").write_text(json.dumps(wt.ui_to_api(ui, info), indent=1) + "\n")
+        name = wt.workflow_name(stem)
+        (UI_DIR / name).write_text(json.dumps(ui, indent=1) + "\n")
+        (API_DIR / name).write_text(json.dumps(wt.ui_to_api(ui, info), indent=1) + "\n")
         print("wrote", stem)
     return 0
 

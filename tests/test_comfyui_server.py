@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -46,6 +47,12 @@ def _load_clients():
 
 
 clients = _load_clients()
+_wt_spec = importlib.util.spec_from_file_location("workflow_tools", REPO / "tests" / "workflow_tools.py")
+wt = importlib.util.module_from_spec(_wt_spec)
+_wt_spec.loader.exec_module(wt)
+# Set to write each workflow's thumbnail (workflows/<name>.jpg) from its run on the demo.
+WRITE_THUMBNAILS = os.environ.get("LUMINA_WRITE_THUMBNAILS", "") == "1"
+THUMBNAIL_SIDE = 256
 
 DEMO_CAPTION = "a red circle in the top left"
 
@@ -178,7 +185,7 @@ def test_workflow_runs_to_an_image(server, name):
 
 
 def test_progress_previews_and_cancel(server):
-    prompt = json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text())
+    prompt = json.loads((API_DIR / wt.workflow_name("t2i")).read_text())
     composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
     composer["inputs"]["width"], composer["inputs"]["height"] = 64, 256   # 32 rows
     sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")
@@ -234,14 +241,14 @@ def test_progress_previews_and_cancel(server):
         # "Unload models" hands the weights back to ComfyUI; the next run loads them again and succeeds.
         assert server.post("/free", {"unload_models": True})[0] == 200
         time.sleep(1)
-        again = server.wait(server.queue(shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))))
+        again = server.wait(server.queue(shrink(json.loads((API_DIR / wt.workflow_name("t2i")).read_text()))))
         assert again["status"]["status_str"] == "success", again["status"]
     finally:
         ws.close()
 
 
 def test_prompt_saved_before_the_guidance_widget_still_runs(server):
-    prompt = shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))
+    prompt = shrink(json.loads((API_DIR / wt.workflow_name("t2i")).read_text()))
     sampler = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")
     del sampler["inputs"]["guidance"]
     entry = server.wait(server.queue(prompt))
@@ -252,7 +259,7 @@ def test_prompt_saved_before_the_guidance_widget_still_runs(server):
 
 
 def test_bad_inputs_are_refused_with_reasons(server):
-    prompt = shrink(json.loads((API_DIR / "lumina_mgpt2_t2i.json").read_text()))
+    prompt = shrink(json.loads((API_DIR / wt.workflow_name("t2i")).read_text()))
     loader = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2Loader")
     for evil in ("../../etc", "/etc/passwd", "evil/Lumina-mGPT-2.0"):
         loader["inputs"]["model"] = evil
@@ -260,9 +267,18 @@ def test_bad_inputs_are_refused_with_reasons(server):
         assert status == 400 and "value_not_in_list" in json.dumps(body)
     composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
     loader["inputs"]["model"] = "Alpha-VLLM/Lumina-mGPT-2.0"
+    # ComfyUI's own min/max refuse impossible sizes at queue time, each listed once.
+    for width, kind in ((-32, "value_smaller_than_min"), (4096, "value_bigger_than_max")):
+        composer["inputs"]["width"] = width
+        status, body = server.post("/prompt", {"prompt": prompt})
+        assert status == 400 and kind in json.dumps(body), body
+        errors = [e for node in body["node_errors"].values() for e in node["errors"]]
+        assert len(errors) == 1, errors
+    # Off the grid: refused when the composer runs, with the nearest valid sizes.
     composer["inputs"]["width"] = 33
-    status, body = server.post("/prompt", {"prompt": prompt})
-    assert status == 400 and "multiples of 32" in json.dumps(body)
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error" and "nearest valid widths: 32 or 64" in json.dumps(
+        entry["status"]["messages"])
     # A model that is not there: the error names the folder and the files to place.
     composer["inputs"]["width"] = 32
     loader["inputs"]["model"] = "Alpha-VLLM/Lumina-mGPT-2.0-Omni"
@@ -270,30 +286,24 @@ def test_bad_inputs_are_refused_with_reasons(server):
     text = json.dumps(entry["status"]["messages"])
     assert entry["status"]["status_str"] == "error"
     assert "lumina_mgpt2" in text and "Lumina-mGPT-2.0-Omni" in text and "config.json" in text
+    assert "movqgan_270M.ckpt" in text
 
 
 DEMO_MODEL = REPO / "lumina_core" / "assets" / "demo"
-# The demo's settings: constant guidance (the official schedule lifts any cfg to 4.0, far too strong
-# for it), a low cfg and a small top-k; 64 px panels, the size it was trained on.
-DEMO_SAMPLER = {"guidance": "constant", "cfg": 1.5, "top_k": 50, "seed": 0, "batch_size": 4}
-DEMO_CAPTION_T2I = "a blue square in the bottom right"
-DEMO_CAPTION_PANELS = "a green circle in the top left"
+needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the embedded demo is not built")
 
 
-def demo_prompt(name: str, caption: str, image: str = "") -> dict:
-    """A shipped workflow's API twin with the built-in demo model and its settings."""
+def on_demo(name: str) -> dict:
+    """A shipped workflow's API twin with the Loader on demo; nothing else changes but the offline stand-ins."""
     prompt = json.loads((API_DIR / name).read_text())
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "LuminaMGPT2Loader":
             inputs["model"] = "demo"
-        elif node["class_type"] == "LuminaMGPT2DualPanelComposer":
-            inputs["width"], inputs["height"] = 64, (64 if inputs["task"] == "t2i" else 128)
-            inputs["prompt"] = caption
-        elif node["class_type"] == "LuminaMGPT2ARSamplerSJD":
-            inputs.update(DEMO_SAMPLER)
-        elif node["class_type"] == "LoadImage":
-            inputs["image"] = image
+        if node["class_type"] == "LuminaMGPT2ThinkPrompt":
+            inputs["endpoint"] = f"http://127.0.0.1:{clients.free_port()}/v1"  # nothing listens: falls back
+        if node["class_type"] == "LuminaMGPT2VerifierBestOfN":
+            inputs["verifiers"] = "demo_check"  # as its Note says for the demo (the others need weights)
     return prompt
 
 
@@ -308,37 +318,73 @@ def saved_images(server: Server, prompt: dict, entry: dict) -> list:
     return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the embedded demo model is not built")
-@pytest.mark.parametrize("name", ["lumina_mgpt2_t2i.json", "lumina_mgpt2_control_canny.json"])
-def test_demo_model_draws_shapes_in_the_shipped_workflows(server, name):
-    """The built-in demo in the Loader, constant guidance: the shapes the caption names, checked from pixels."""
+@needs_demo
+@pytest.mark.parametrize("name", sorted(p.name for p in API_DIR.glob("*.json")))
+def test_every_workflow_runs_on_the_demo_unchanged(server, name):
+    """Model-default sizes and sampling: the 7B's workflow runs on the demo with only the Loader switched."""
+    prompt = on_demo(name)
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    task = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")["inputs"]["task"]
+    images = saved_images(server, prompt, entry)
+    assert images and all(im.shape == ((64, 64, 3) if task == "t2i" else (128, 64, 3)) for im in images)
+    shown = json.dumps(entry["outputs"])
+    assert "cfg 1.5 (constant guidance), top_k 50" in shown  # the sampler shows the settings it used
+    if task not in ("t2i", "control_canny", "dense_canny"):
+        assert "warning: this model lists only the tasks t2i, control_canny, dense_canny" in shown
+    if WRITE_THUMBNAILS:
+        write_thumbnail(images[0], REPO / "workflows" / (name[:-len(".json")] + ".jpg"))
+
+
+def write_thumbnail(image, path: Path) -> None:
+    """A square JPEG of a result: scaled up without smoothing (the demo's pixels stay crisp), centred."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    scale = THUMBNAIL_SIDE // max(picture.size)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE), (32, 32, 32))
+    canvas.paste(picture, ((THUMBNAIL_SIDE - picture.width) // 2, (THUMBNAIL_SIDE - picture.height) // 2))
+    canvas.save(path, format="JPEG", quality=90)
+
+
+@needs_demo
+@pytest.mark.parametrize("task", ["t2i", "control_canny", "dense_canny"])
+def test_the_demo_draws_what_the_prompt_asks(server, task):
+    """The demo in the shipped t2i / control_canny / dense_canny workflows: right shapes (or edges), from pixels."""
     import numpy as np
     from PIL import Image
     from lumina_core.demo import checker, data
 
-    task = name[len("lumina_mgpt2_"):-len(".json")]
-    caption = data.parse_caption(DEMO_CAPTION_T2I if task == "t2i" else DEMO_CAPTION_PANELS)
+    prompt = on_demo(wt.workflow_name(task))
+    composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
+    caption = data.parse_caption(composer["inputs"]["prompt"])  # the workflow's own prompt
     photo = data.render(caption, np.random.default_rng(7), background="white")
-    # The demo learned edge maps drawn like its training data (about 4 px lines); ComfyUI's Canny node
-    # draws 1 px lines, so the map is loaded as it is and the Canny node is left out.
-    Image.fromarray(data.edge_map(photo)).save(server.base / "input" / "demo_edges.png")
-    prompt = demo_prompt(name, caption.text(), image="demo_edges.png")
+    edges = data.edge_map(photo)
+    # The demo learned its own pictures: the shapes photo (dense) or its ~4 px edge map (control; ComfyUI's
+    # Canny draws 1 px lines, so the map is loaded as it is and the Canny node is left out).
+    Image.fromarray(edges if task == "control_canny" else photo).save(server.base / "input" / f"demo_{task}.png")
     for node_id, node in list(prompt.items()):
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = f"demo_{task}.png"
+            composer["inputs"]["image"] = [node_id, 0]
         if node["class_type"] == "Canny":
             del prompt[node_id]
-            load = next(k for k, n in prompt.items() if n["class_type"] == "LoadImage")
-            composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
-            composer["inputs"]["image"] = [load, 0]
+        if node["class_type"] == "LuminaMGPT2ARSamplerSJD":
+            node["inputs"]["batch_size"] = 4
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
     images = saved_images(server, prompt, entry)
-    assert len(images) == DEMO_SAMPLER["batch_size"]
-    size = (64, 64, 3) if task == "t2i" else (128, 64, 3)
-    assert all(im.shape == size for im in images)
-    # t2i: the whole image; control_canny: the lower panel, drawn from the edge map and the caption.
-    right = [checker.check_image(im[-64:], caption).ok for im in images]
-    # A random image passes the check about 3 % of the time.
-    assert sum(right) >= 3, (task, right)
+    assert len(images) == 4
+    if WRITE_THUMBNAILS:  # the demo's own pictures show these three workflows best
+        write_thumbnail(images[0], REPO / "workflows" / wt.workflow_name(task).replace(".json", ".jpg"))
+    if task == "dense_canny":
+        f1 = [checker.edge_f1(im[64:], edges) for im in images]
+        assert np.mean(f1) > 0.5, f1  # another image's map scores about 0.25
+    else:
+        # t2i: the whole image; control_canny: the lower panel, drawn from the edge map and the caption.
+        right = [checker.check_image(im[-64:], caption).ok for im in images]
+        assert sum(right) >= 3, (task, right)  # a random image passes about 3 % of the time
 
 
 UI_DIR = REPO / "workflows"
@@ -415,7 +461,7 @@ def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path
         assert "dual panel" in picked[1]["tokens"] and "two " in picked[1]["label"]
 
         # The alert check can fail: the frontend's schema refuses a null workflow id with a toast.
-        broken = json.loads((UI_DIR / "lumina_mgpt2_t2i.json").read_text())
+        broken = json.loads((UI_DIR / wt.workflow_name("t2i")).read_text())
         broken["id"] = None
         alerts = cdp.evaluate(f"""(async () => {{
             await app.loadGraphData({json.dumps(broken)}, true, true, "broken");
@@ -430,7 +476,7 @@ def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path
         # look for the final prompt, the score badges and the images on the nodes.
         closed_port = clients.free_port()
         cdp.evaluate(f"""(async () => {{
-            await app.loadGraphData({(UI_DIR / 'lumina_mgpt2_t2i_think_best_of_n.json').read_text()}, true, true, "shot");
+            await app.loadGraphData({(UI_DIR / wt.workflow_name('t2i_think_best_of_n')).read_text()}, true, true, "shot");
             const set = (type, name, value) => {{
               const node = app.graph._nodes.find(n => n.type === type);
               const w = node.widgets.find(x => x.name === name); w.value = value; w.callback?.(value);
@@ -467,5 +513,50 @@ def test_browser_loads_every_workflow_and_the_picker_sets_sizes(server, tmp_path
         assert cdp.errors() == [], cdp.errors()
         print("boot console errors (not from the pack):", [e for e in boot_errors if "lumina" not in e.lower()])
         assert not [e for e in boot_errors if "lumina" in e.lower()], boot_errors
+    finally:
+        process.kill()
+
+
+def test_templates_dialog_shows_every_workflow_with_its_thumbnail(server, tmp_path):
+    """The frontend's Templates dialog lists the pack's workflows by title, each with its .jpg (no grey 404s)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not chromium:
+        pytest.skip("no Chromium on PATH (apt-get install chromium)")
+    listed = server.get("/workflow_templates")["lumina_mgpt2"]
+    assert sorted(listed) == sorted(p.stem for p in UI_DIR.glob("*.json"))
+    process, cdp = clients.launch(chromium)
+    try:
+        server.post("/settings/Comfy.TutorialCompleted", True)
+        cdp.call("Page.navigate", url=server.url)
+        deadline = time.time() + 120
+        while not cdp.evaluate("!!(window.app && window.app.extensionManager && window.luminaMGPT2)"):
+            assert time.time() < deadline, cdp.errors()
+            time.sleep(1)
+        cdp.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        deadline = time.time() + 60
+        while not cdp.evaluate("[...document.querySelectorAll('*')].some(e => e.children.length === 0 && "
+                               "e.textContent.trim() === 'lumina_mgpt2')"):
+            assert time.time() < deadline, "the templates dialog shows no lumina_mgpt2 entry"
+            time.sleep(1)
+        cdp.evaluate("[...document.querySelectorAll('*')].filter(e => e.children.length === 0 && "
+                     "e.textContent.trim() === 'lumina_mgpt2').pop().click()")
+        time.sleep(5)  # the cards' images load lazily
+        shown = cdp.evaluate("""(() => ({
+            images: [...document.querySelectorAll('img')].map(i => ({src: decodeURIComponent(i.currentSrc || i.src),
+                                                                     ok: i.complete && i.naturalWidth > 0})),
+            text: document.body.innerText}))()""")
+        shot = cdp.call("Page.captureScreenshot", format="png")["data"]
+        target = Path(SCREENSHOT).with_name("templates.png") if SCREENSHOT else tmp_path / "templates.png"
+        target.write_bytes(base64.b64decode(shot))
+        # The dialog fetches each thumbnail and shows it from a blob: every card in view has a decoded picture
+        # (a missing .jpg leaves a grey placeholder instead).
+        thumbnails = [i for i in shown["images"] if i["src"].startswith("blob:")]
+        assert len(thumbnails) >= 4 and all(i["ok"] for i in thumbnails), shown["images"]
+        assert sum(name in shown["text"] for name in listed) >= 4, shown["text"][:2000]  # titles, not stems
+        # Every card's thumbnail is served (the dialog asks /workflow_templates/<pack>/<name>.jpg).
+        for name in listed:
+            url = f"{server.url}/api/workflow_templates/lumina_mgpt2/{urllib.parse.quote(name)}.jpg"
+            with urllib.request.urlopen(url, timeout=30) as reply:
+                assert reply.status == 200 and reply.headers["Content-Type"] == "image/jpeg", name
     finally:
         process.kill()

@@ -79,7 +79,7 @@ def test_sampler_guidance_is_the_last_widget_and_optional(nodes):
     # prompts (without it) still pass ComfyUI's validation.
     assert wt.widget_slots(info)[-1] == ("guidance", "value")
     kind, options = info["input"]["optional"]["guidance"]
-    assert kind == ["official", "constant"] and options["default"] == "official"
+    assert kind == ["model default", "official", "constant"] and options["default"] == "model default"
     assert "4.0" in options["tooltip"] and "constant" in options["tooltip"]
 
 
@@ -132,14 +132,28 @@ def test_composer_refuses_with_reasons(pack):
         composer.compose("subject", 512, 1024, "on a table", "paper", image=comfy_image(64, 64))
 
 
-def test_composer_validate_inputs(nodes):
-    validate = nodes["LuminaMGPT2DualPanelComposer"].VALIDATE_INPUTS
-    assert validate("t2i", 768, 768, "official") is True
-    assert "multiples of 32" in validate("t2i", 770, 768, "official")
-    assert "multiple of 64" in validate("pair_depth", 512, 992, "official")
-    assert "token" in validate("t2i", 1024, 1024, "official")
-    assert "unknown task" in validate("nonsense", 512, 512, "official")
-    assert validate(None, 512, 512, "official") is True  # a linked value is checked at run time
+def test_size_widgets_are_checked_by_comfyui_itself(nodes):
+    """min/max/step on the size widgets: ComfyUI refuses 0 x -32 or 4096 x 32 at validation, once per input."""
+    composer = nodes["LuminaMGPT2DualPanelComposer"]
+    spec = composer.INPUT_TYPES()["required"]
+    for name in ("width", "height"):
+        options = spec[name][1]
+        assert (options["min"], options["max"], options["step"], options["default"]) == (0, 2048, 32, 0)
+        assert "0 = the model's default" in options["tooltip"]
+    # No VALIDATE_INPUTS: naming an input there turns off ComfyUI's own min/max check for it and
+    # lists its error once per named input (the same size error showed 4 times).
+    assert not hasattr(composer, "VALIDATE_INPUTS")
+
+
+def test_every_widget_has_a_tooltip(nodes):
+    for node_id, cls in nodes.items():
+        if node_id == "LuminaMGPT2VerifierBestOfN":  # the batch helper's node
+            continue
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                options = entry[1] if len(entry) > 1 else {}
+                assert options.get("tooltip"), (node_id, name)
 
 
 # --- loader safety ----------------------------------------------------------------------------
@@ -257,6 +271,11 @@ def tiny_pipe(pack, tiny_models):
     return pipe
 
 
+def run_sampler(pack, *args):
+    """The sampler node's codes output (its ui text aside)."""
+    return node(pack, "LuminaMGPT2ARSamplerSJD").sample(*args)["result"][0]
+
+
 def assert_comfy_image(image, batch, height, width):
     assert image.shape == (batch, height, width, 3) and image.dtype == torch.float32
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
@@ -271,12 +290,12 @@ def test_loader_builds_a_pipeline_on_cpu(tiny_pipe, pack):
 @pytest.mark.slow
 def test_t2i_chain_outputs_comfy_images(pack, tiny_pipe):
     request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 64, 32, "a red fox", "official")["result"]
-    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
+    codes = run_sampler(pack, tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
     assert codes.codes.shape == (2, 4, 8) and codes.seeds == [7, 8]
     image, upper, lower = node(pack, "LuminaMGPT2VQDecode").decode(tiny_pipe, codes)
     assert_comfy_image(image, 2, 32, 64)
     assert torch.equal(upper, image) and torch.equal(lower, image)  # single panel: both are the full image
-    again, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
+    again = run_sampler(pack, tiny_pipe, request, 7, 4.0, 16, 1.0, False, 16, 2)
     assert torch.equal(again.codes, codes.codes)  # the seed decides
 
 
@@ -289,7 +308,7 @@ def test_quantized_loader_runs_the_node_chain(pack, tiny_models, quantization):
     linear = pipe.transformer.model.layers[0].mlp.down_proj
     assert isinstance(linear, nn.Linear) and type(linear.weight) is not nn.Parameter  # a torchao tensor
     request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 32, 32, "a red fox", "official")["result"]
-    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(pipe, request, 3, 2.0, 16, 1.0, True, 4, 1)
+    codes = run_sampler(pack, pipe, request, 3, 2.0, 16, 1.0, True, 4, 1)
     assert codes.codes.shape == (1, 4, 4)
     image, _, _ = node(pack, "LuminaMGPT2VQDecode").decode(pipe, codes)
     assert_comfy_image(image, 1, 32, 32)
@@ -299,7 +318,7 @@ def test_dual_panel_chain_splits_panels_and_keeps_the_reference(pack, tiny_pipe)
     reference = comfy_image(70, 50)  # any size: center-cropped to the 64x64 upper panel
     request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose(
         "control_canny", 64, 128, "a house", "official", image=reference)["result"]
-    codes, = node(pack, "LuminaMGPT2ARSamplerSJD").sample(tiny_pipe, request, 0, 4.0, 16, 1.0, True, 4, 1)
+    codes = run_sampler(pack, tiny_pipe, request, 0, 4.0, 16, 1.0, True, 4, 1)
     assert codes.codes.shape == (1, 16, 8)
     expected_upper = tiny_pipe.movqgan.encode(request.reference_pixels())[0]
     assert torch.equal(codes.codes[0, :8], expected_upper)  # the given panel is the prefix, not sampled
@@ -319,9 +338,9 @@ def test_sampler_guidance_reaches_the_sampling(pack, tiny_pipe, monkeypatch):
                                                                              generate(req, sampling, **kw))[1])
 
     def codes(cfg, *guidance):
-        return sampler.sample(tiny_pipe, request, 5, cfg, 16, 1.0, False, 16, 1, *guidance)[0].codes
+        return sampler.sample(tiny_pipe, request, 5, cfg, 16, 1.0, False, 16, 1, *guidance)["result"][0].codes
 
-    saved_before_guidance = codes(2.0)  # a prompt without the widget: official
+    saved_before_guidance = codes(2.0)  # a prompt without the widget: the model's default (official here)
     assert used[-1].guidance == "official"
     constant_low = codes(2.0, "constant")
     assert (used[-1].guidance, used[-1].cfg) == ("constant", 2.0)
@@ -436,3 +455,118 @@ def test_best_of_n_prompt_is_typed_once_and_judges_the_generated_panel(pack):
     assert json.loads(again["result"][2])["best_index"] == 0
     with pytest.raises(ValueError, match="needs a prompt"):
         verifier.select(batch, "  ", "demo_check", "", "rank", False, True)
+
+
+# --- "model default": the model's own settings flow from the pipe ----------------------------
+
+@pytest.fixture(scope="module")
+def demo_pipe(pack):
+    pipe, = node(pack, "LuminaMGPT2Loader").load("demo", False, "auto", "none", False)
+    return pipe
+
+
+def test_model_default_sizes_and_sampling_come_from_the_pipe(pack, demo_pipe):
+    assert demo_pipe.defaults.cfg == 1.5 and demo_pipe.defaults.top_k == 50
+    composer = node(pack, "LuminaMGPT2DualPanelComposer")
+    out = composer.compose("t2i", 0, 0, "a red circle in the top left", "official", pipe=demo_pipe)
+    request, final_prompt = out["result"]
+    assert (request.width, request.height) == (64, 64) and "64x64" in final_prompt
+    assert "size: 64x64" in out["ui"]["text"]
+    control = composer.compose("control_canny", 0, 0, "a red circle", "official", image=comfy_image(64, 64),
+                               pipe=demo_pipe)["result"][0]
+    assert (control.width, control.height) == (64, 128)
+    # Explicit values win; one typed side keeps the model's other side.
+    assert composer.compose("t2i", 96, 0, "x", "official", pipe=demo_pipe)["result"][0].height == 64
+    # No pipe: the official defaults.
+    assert composer.compose("t2i", 0, 0, "x", "official")["result"][0].width == 768
+    sampler = node(pack, "LuminaMGPT2ARSamplerSJD")
+    used = []
+    generate = demo_pipe.generate
+    demo_pipe.generate = lambda req, sampling, **kw: (used.append(sampling), generate(req, sampling, **kw))[1]
+    try:
+        shown = sampler.sample(demo_pipe, request, 0, 0.0, 0, 1.0, False, 16, 1)["ui"]["text"]
+        assert (used[-1].cfg, used[-1].guidance, used[-1].top_k) == (1.5, "constant", 50)
+        assert shown[0].startswith("t2i 64x64, cfg 1.5 (constant guidance), top_k 50")
+        sampler.sample(demo_pipe, request, 0, 2.0, 20, 1.0, False, 16, 1, "official")
+        assert (used[-1].cfg, used[-1].guidance, used[-1].top_k) == (2.0, "official", 20)
+    finally:
+        del demo_pipe.generate
+
+
+def test_size_errors_name_the_largest_size_the_model_allows(pack, demo_pipe):
+    composer = node(pack, "LuminaMGPT2DualPanelComposer")
+    Error = sys.modules[f"{wt.PACK_MODULE}.nodes.common"].NodeInputError
+    with pytest.raises(Error) as info:
+        composer.compose("t2i", 256, 256, "a red circle", "official", pipe=demo_pipe)
+    assert "largest t2i size this model allows is 96x96" in str(info.value)
+    assert "max_positions" not in str(info.value)
+    with pytest.raises(Error, match="multiple of 64"):
+        composer.compose("dense_depth", 512, 992, "", "official", image=comfy_image(64, 64))
+    with pytest.raises(Error, match="not a multiple of 32"):
+        composer.compose("t2i", 33, 64, "", "official")
+
+
+def test_a_task_the_model_does_not_list_warns_on_the_node(pack, demo_pipe):
+    out = node(pack, "LuminaMGPT2DualPanelComposer").compose("pair_depth", 0, 0, "a red circle", "official",
+                                                             pipe=demo_pipe)
+    warning = [t for t in out["ui"]["text"] if t.startswith("warning:")]
+    assert warning and "t2i, control_canny, dense_canny" in warning[0]
+    assert out["result"][0].height == 128  # the demo's panel size still applies
+
+
+def test_loader_metadata_tells_the_picker_each_models_limits(nodes):
+    facts = nodes["LuminaMGPT2Loader"].INPUT_TYPES()["required"]["model"][1]["lumina_models"]
+    assert facts["demo"]["max_positions"] == 256 and facts["demo"]["defaults"]["sizes"]["t2i"] == [64, 64]
+    assert facts["Alpha-VLLM/Lumina-mGPT-2.0"]["max_positions"] == 10240
+    sizes = nodes["LuminaMGPT2DualPanelComposer"].INPUT_TYPES()["required"]["task"][1]["lumina"]
+    demo = {(c["width"], c["height"]) for c in sizes["choices"]["256"]["single"]}
+    assert (64, 64) in demo and (768, 768) not in demo
+    assert sizes["dual_panel"]["control_canny"] is True and sizes["dual_panel"]["t2i"] is False
+
+
+# --- installing into a ComfyUI ------------------------------------------------------------------
+
+# The lowest versions a ComfyUI 0.8 install holds (its requirements.txt; tokenizers: the floor of
+# transformers 4.50.3 itself). The pack's floors must not be above them, so installing it upgrades nothing.
+COMFYUI_08_FLOORS = {"transformers": "4.50.3", "tokenizers": "0.21", "safetensors": "0.4.2", "numpy": "1.25.0"}
+
+
+def _requirements(lines):
+    import re
+
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line:
+            name, spec = re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups()
+            out[name.lower()] = spec
+    return out
+
+
+def test_install_never_upgrades_what_comfyui_has():
+    import tomllib
+
+    from packaging.version import Version
+
+    project = tomllib.loads((wt.REPO / "pyproject.toml").read_text())
+    deps = _requirements(project["project"]["dependencies"])
+    reqs = _requirements((wt.REPO / "requirements.txt").read_text().splitlines())
+    assert "torch" not in reqs and {k: v for k, v in deps.items() if k != "torch"} == reqs
+    for name, spec in deps.items():
+        assert spec.startswith(">=") and "," not in spec and "<" not in spec and "==" not in spec, (name, spec)
+        floor = COMFYUI_08_FLOORS.get(name)
+        if floor:
+            assert Version(spec[2:]) <= Version(floor), (name, spec, floor)
+    assert not any("git+" in d for d in project["project"]["dependencies"])
+
+
+def test_pyproject_registry_block_has_an_icon_and_no_invented_urls():
+    import tomllib
+
+    project = tomllib.loads((wt.REPO / "pyproject.toml").read_text())
+    comfy = project["tool"]["comfy"]
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].endswith(".png")
+    urls = [*project["project"].get("urls", {}).values(), comfy["Icon"]]
+    # Only the upstream model's real addresses (the pack's own repository is not published yet).
+    assert all(u.split("/")[2] in ("github.com", "huggingface.co", "raw.githubusercontent.com") and
+               "Alpha-VLLM/Lumina-mGPT-2.0" in u for u in urls), urls

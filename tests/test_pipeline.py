@@ -75,7 +75,7 @@ def test_bad_input_has_clear_errors(pipe):
     saved = pipe.max_positions
     pipe.max_positions = 200
     try:
-        with pytest.raises(RequestError, match="more than the allowed 200 positions"):
+        with pytest.raises(RequestError, match="more than the 200 positions this model has; the largest t2i size"):
             pipe.generate(Request(task="t2i", prompt="a cat", width=128, height=128), SamplingConfig())
     finally:
         pipe.max_positions = saved

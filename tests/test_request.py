@@ -5,7 +5,10 @@ import torch
 from PIL import Image
 
 from lumina_core.images import center_crop
-from lumina_core.request import Request, RequestError, largest_square_size
+from lumina_core.request import (
+    PROMPT_RESERVE_TOKENS, Request, RequestError, body_length, cfg_rows, image_token_count, largest_size,
+    sequence_positions, size_choices, size_problem, web_constants,
+)
 from lumina_core.tasks import TASKS, get_task
 
 
@@ -97,15 +100,44 @@ def test_token_budget():
     Request(width=768, height=768).validate()                      # 9,316 tokens
     Request(width=800, height=800).validate(prompt_tokens=100)     # 10,104 + 100 <= 10,240
     with pytest.raises(RequestError, match=r"1024x1024 needs 16516 image tokens \+ 40 prompt tokens = 16556, more "
-                                           r"than the allowed 10240 positions; the largest allowed square is 800x800"):
+                                           r"than the 10240 positions this model has; the largest t2i size this "
+                                           r"model allows is 800x800") as info:
         Request(width=1024, height=1024).validate(prompt_tokens=40)
-    with pytest.raises(RequestError, match=r"largest allowed square is 768x768"):
+    assert "max_positions" not in str(info.value)  # no node or option has that name
+    with pytest.raises(RequestError, match=r"largest t2i size this model allows is 768x768"):
         Request(width=800, height=800).validate(prompt_tokens=200)
     Request(width=1024, height=1024).validate(max_positions=16600, prompt_tokens=40)  # explicit higher cap
-    # Dual panel: squares must split into 32-px panels.
-    with pytest.raises(RequestError, match=r"largest allowed square is 768x768"):
+    # Dual panel: the largest size with square panels (each on the 32 px grid).
+    with pytest.raises(RequestError, match=r"largest pair_depth size this model allows is 544x1088"):
         Request(task="pair_depth", width=1024, height=1024).validate(prompt_tokens=50)
-    assert largest_square_size(10240) == 800 and largest_square_size(10240, step=64) == 768
+    assert largest_size("t2i", 10240) == (800, 800) and largest_size("dense_canny", 10240) == (544, 1088)
+    # The demo's 256 positions: 96x96 alone, 64x64 with a long prompt, none with a huge one.
+    assert largest_size("t2i", 256) == (96, 96) and largest_size("t2i", 256, prompt_tokens=100) == (64, 64)
+    assert largest_size("control_canny", 256, prompt_tokens=40) == (64, 128)
+    assert largest_size("t2i", 256, prompt_tokens=250) is None
+
+
+def test_one_derivation_of_positions_and_cfg_rows():
+    # start, H, W + rows of (cols + new line) + end
+    assert image_token_count(64, 64) == 3 + 8 * 9 + 1 == body_length(8, 8) + 3
+    assert sequence_positions(64, 128, prompt_tokens=30) == 30 + 3 + 16 * 9 + 1
+    assert cfg_rows(4, 1.0) == 4 and cfg_rows(4, 1.5) == 8  # cfg 1 has no unconditional rows
+    assert size_problem("t2i", 64, 64, max_positions=256, prompt_tokens=20) is None
+    assert "multiple of 64" in size_problem("dense_canny", 64, 96)
+    assert "unknown task" in size_problem("nonsense", 64, 64)
+
+
+def test_picker_choices_fit_the_budget_and_the_grid():
+    demo = size_choices(dual_panel=False, max_positions=256)
+    assert {(c["width"], c["height"]) for c in demo} >= {(64, 64), (96, 96)}
+    assert all(sequence_positions(c["width"], c["height"], PROMPT_RESERVE_TOKENS) <= 256 for c in demo)
+    dual = size_choices(dual_panel=True, max_positions=10240)
+    assert (512, 1024) in {(c["width"], c["height"]) for c in dual}
+    assert all(c["height"] % 64 == 0 and c["width"] % 32 == 0 and c["height"] == 2 * c["panel"][1] for c in dual)
+    assert [c["tokens"] for c in dual] == sorted(c["tokens"] for c in dual)
+    constants = web_constants()
+    assert constants["dual_panel"]["t2i"] is False and constants["dual_panel"]["edit"] is True
+    assert constants["grid"] == 32 and constants["pixels_per_code"] == 8
 
 
 def test_reference_pixels_follow_the_official_preprocessing():

@@ -10,8 +10,9 @@ from lumina_core.testing.grammar import TokenGrammarError, codes_from_ids
 from lumina_core.testing.tokenizer import build_tokenizer
 from lumina_core.tokens import (
     IMAGE_END, IMAGE_START, NEW_LINE, SEPARATOR, UNUSED_SEPARATORS, TokenLayout, dual_panel_prefix_ids, image_ids,
-    image_token_count, load_text_tokenizer, prompt_ids, size_token_string,
+    load_text_tokenizer, prompt_ids, size_token_string,
 )
+from lumina_core.request import image_token_count  # the one size rule
 
 NUM_CODES = 64
 

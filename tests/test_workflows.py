@@ -48,6 +48,19 @@ def test_there_are_workflows_and_twins():
         assert (API_DIR / path.name).is_file(), f"no API twin for {path.name}"
 
 
+def test_every_workflow_has_a_thumbnail_and_a_title_for_a_name():
+    """The Templates dialog shows the file name and the same-named .jpg (made from a run on the demo)."""
+    from PIL import Image
+
+    for path in UI_FILES:
+        thumbnail = path.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"no thumbnail for {path.name}"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and image.size == (256, 256)
+            assert len(set(image.convert("L").getdata())) > 8  # a picture, not a blank
+        assert path.stem == load(path)["extra"]["info"]["title"]
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_ui_workflow_is_valid(path, info, allowed):
     workflow = load(path)
@@ -88,24 +101,56 @@ def test_think_and_best_of_n_workflow_exists():
     assert any({"LuminaMGPT2ThinkPrompt", "LuminaMGPT2VerifierBestOfN"} <= k for k in kinds)
 
 
-def test_reference_tasks_feed_an_image_and_sizes_fit(info):
-    pack = wt.import_pack()
-    composer = pack.NODE_CLASS_MAPPINGS["LuminaMGPT2DualPanelComposer"]
+def test_workflows_use_model_defaults_that_fit_the_7b_and_the_demo(info):
+    """Sizes and sampling at "model default" (so one file runs on both), resolved sizes within each budget."""
+    from lumina_core.defaults import ModelDefaults
+    from lumina_core.request import DEFAULT_MAX_POSITIONS, size_problem
+
+    demo = ModelDefaults.from_folder(wt.REPO / "lumina_core" / "assets" / "demo")
     for path in UI_FILES:
         api = load(API_DIR / path.name)
-        for node in api.values():
-            if node["class_type"] != "LuminaMGPT2DualPanelComposer":
-                continue
-            inputs = node["inputs"]
-            assert composer.VALIDATE_INPUTS(inputs["task"], inputs["width"], inputs["height"],
-                                            inputs["template"]) is True, path.name
-            needs_image = inputs["task"].split("_")[0] in ("subject", "edit", "control", "dense")
-            assert ("image" in inputs) == needs_image, path.name
+        by_type = {n["class_type"]: n for n in api.values()}
+        composer, sampler = by_type["LuminaMGPT2DualPanelComposer"], by_type["LuminaMGPT2ARSamplerSJD"]
+        inputs = composer["inputs"]
+        assert (inputs["width"], inputs["height"]) == (0, 0), path.name
+        assert (sampler["inputs"]["cfg"], sampler["inputs"]["top_k"], sampler["inputs"]["guidance"]) == \
+            (0.0, 0, "model default"), path.name
+        loader_id = next(k for k, n in api.items() if n["class_type"] == "LuminaMGPT2Loader")
+        assert inputs["pipe"] == [loader_id, 0], path.name  # the composer resolves sizes from the model
+        task = inputs["task"]
+        for defaults, budget, prompt_tokens in ((ModelDefaults.official(), DEFAULT_MAX_POSITIONS, 300),
+                                                (demo, 256, 60)):
+            width, height = defaults.size(task)
+            assert size_problem(task, width, height, budget, prompt_tokens) is None, (path.name, defaults.source)
+        needs_image = task.split("_")[0] in ("subject", "edit", "control", "dense")
+        assert ("image" in inputs) == needs_image, path.name
+
+
+def test_saved_view_frames_the_whole_graph():
+    """extra.ds shows every node (Note and group title included) in a 1500x760 canvas when the file opens."""
+    for path in UI_FILES:
+        workflow = load(path)
+        ds = workflow["extra"]["ds"]
+        for node in workflow["nodes"]:
+            x, y = node["pos"]
+            w, h = node["size"]
+            left, top = (x + ds["offset"][0]) * ds["scale"], (y - 40 + ds["offset"][1]) * ds["scale"]
+            right, bottom = (x + w + ds["offset"][0]) * ds["scale"], (y + h + ds["offset"][1]) * ds["scale"]
+            assert 0 <= left and right <= 1500 and 0 <= top and bottom <= 760, (path.name, node["type"])
+        group = workflow["groups"][0]["bounding"]
+        assert (group[1] + ds["offset"][1]) * ds["scale"] >= 0, path.name
+
+
+def test_every_note_says_how_to_try_the_demo():
+    for path in UI_FILES:
+        note = next(n for n in load(path)["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "Try it on the demo:" in note and "It cannot draw anything else" in note, path.name
+        assert "t2i, control_canny and dense_canny" in note, path.name
 
 
 def test_validator_catches_broken_files(info, allowed):
     """The checks above can fail: a type-mismatched link, a bad widget value and a foreign node are reported."""
-    workflow = load(wt.REPO / "workflows" / "lumina_mgpt2_t2i.json")
+    workflow = load(wt.REPO / "workflows" / wt.workflow_name("t2i"))
     by_type = {n["type"]: n for n in workflow["nodes"]}
     # codes -> images of SaveImage: LUMINA_CODES into IMAGE
     sampler, save = by_type["LuminaMGPT2ARSamplerSJD"], by_type["SaveImage"]
@@ -123,9 +168,9 @@ def test_validator_catches_broken_files(info, allowed):
 
 def test_sampler_workflows_saved_before_guidance_still_line_up(info):
     """A sampler saved without the guidance widget keeps its other values in place and queues without it."""
-    workflow = load(wt.REPO / "workflows" / "lumina_mgpt2_t2i.json")
+    workflow = load(wt.REPO / "workflows" / wt.workflow_name("t2i"))
     sampler = next(n for n in workflow["nodes"] if n["type"] == "LuminaMGPT2ARSamplerSJD")
-    assert sampler["widgets_values"][-1] == "official"
+    assert sampler["widgets_values"][-1] == "model default"
     current = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]
     sampler["widgets_values"] = sampler["widgets_values"][:-1]  # the old file: one value fewer
     old = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]

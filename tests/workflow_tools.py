@@ -18,6 +18,26 @@ VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 PACK_MODULE = REPO.as_posix().replace(".", "_x_")
 
+# Each workflow's file name is its title: ComfyUI 0.8's Templates dialog lists a pack's workflows by
+# file name (and shows the same-named .jpg beside it), so the name is what a user reads there.
+WORKFLOW_TITLES = {
+    "t2i": "Text to image",
+    "t2i_think_best_of_n": "Text to image with ThinkPrompt and best-of-N",
+    "pair_depth": "Image pair from text - depth map", "pair_canny": "Image pair from text - canny edge map",
+    "pair_hed": "Image pair from text - HED edge map", "pair_openpose": "Image pair from text - OpenPose map",
+    "subject": "Subject-driven generation", "edit": "Image editing",
+    "control_canny": "Controllable generation - canny edge map",
+    "control_depth": "Controllable generation - depth map",
+    "control_pose": "Controllable generation - pose map", "control_hed": "Controllable generation - HED edge map",
+    "dense_depth": "Dense prediction - depth map", "dense_canny": "Dense prediction - canny edge map",
+    "dense_hed": "Dense prediction - HED edge map", "dense_pose": "Dense prediction - pose map",
+}
+
+
+def workflow_name(stem: str) -> str:
+    """File name (title + .json) of the shipped workflow ``stem`` (a task key, or t2i_think_best_of_n)."""
+    return f"{WORKFLOW_TITLES.get(stem, stem)}.json"
+
 
 def import_pack() -> Any:
     """Import the repository as ComfyUI does: a package under a mangled absolute-path name."""

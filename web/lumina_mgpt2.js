@@ -1,60 +1,72 @@
-// Lumina-mGPT 2.0 frontend extension: resolution picker with token costs, size snapping to the 32 px
-// grid, the composer's final prompt and ThinkPrompt's result on the node, score badges on best-of-N.
+// Lumina-mGPT 2.0 frontend extension: resolution picker with the sizes that fit the connected model, size
+// snapping to the grid, the composer's final prompt, the sampler's settings and ThinkPrompt's result on the
+// node, score badges on best-of-N. Every size rule comes from Python (lumina_core.request) through the
+// node metadata: the grid, each task's dual-panel flag, the sizes that fit each model; nothing is retyped.
 import { app } from "../../scripts/app.js";
 
 const EXTENSION = "lumina.mgpt2";
-const GRID = 32;                 // one size token = 32 px
-const PIXELS_PER_CODE = 8;       // MoVQGAN downsampling
-const MAX_POSITIONS = 10240;     // token budget of the official generate path
+const LOADER = "LuminaMGPT2Loader";
 const COMPOSER = "LuminaMGPT2DualPanelComposer";
 const SAMPLER = "LuminaMGPT2ARSamplerSJD";
 const THINK = "LuminaMGPT2ThinkPrompt";
 const BEST_OF_N = "LuminaMGPT2VerifierBestOfN";
-const RATIOS = [[1, 1], [4, 3], [3, 4], [3, 2], [2, 3], [16, 9], [9, 16], [2, 1], [1, 2]];
-const SIDES = [256, 384, 512, 640, 768, 896, 1024];
+const PIPE = "LUMINA_PIPE";
 const PICKER_NONE = "pick a resolution…";
 
-// Same formula as lumina_core.tokens.image_token_count: start, H, W, rows of (cols + new line), end.
-export function imageTokenCount(width, height) {
-  const rows = Math.floor(height / PIXELS_PER_CODE);
-  const cols = Math.floor(width / PIXELS_PER_CODE);
-  return 3 + rows * (cols + 1) + 1;
+// Filled from /object_info: the composer's task options carry `lumina` (request.web_constants() and the
+// picker's sizes per position budget), the Loader's model options carry `lumina_models` (each model's
+// positions and defaults).
+const metadata = { sizes: null, models: {} };
+
+export function setMetadata(sizes, models) {
+  if (sizes) metadata.sizes = sizes;
+  if (models) metadata.models = models;
 }
 
 export function isDualPanel(task) {
-  return task !== "t2i" && typeof task === "string";
+  return Boolean(metadata.sizes?.dual_panel?.[task]);
+}
+
+function grid() {
+  return metadata.sizes?.grid ?? 1;
+}
+
+// The facts of the model connected to a node's pipe input: follows the pipe upstream (through LoRA or
+// any other node that passes a pipe on) to the node with a `model` widget that the Loader lists.
+export function connectedModel(node, seen = new Set()) {
+  if (!node || seen.has(node.id)) return null;
+  seen.add(node.id);
+  const model = node.widgets?.find((w) => w.name === "model")?.value;
+  if (model && metadata.models[model]) return { name: model, ...metadata.models[model] };
+  for (const input of node.inputs || []) {
+    if (input.type !== PIPE || input.link == null) continue;
+    const link = node.graph?.links?.[input.link] ?? app.graph?.links?.[input.link];
+    const origin = link && (node.graph ?? app.graph).getNodeById(link.origin_id);
+    const found = connectedModel(origin, seen);
+    if (found) return found;
+  }
+  return null;
+}
+
+function budgetOf(model) {
+  return model?.max_positions ?? metadata.sizes?.default_max_positions;
+}
+
+// Grid sizes for a task that fit the model: [{label, width, height, tokens}] (computed in Python).
+export function resolutionChoices(task, model = null) {
+  const dual = isDualPanel(task);
+  const byBudget = metadata.sizes?.choices || {};
+  const sizes = byBudget[String(budgetOf(model))] ?? byBudget[String(metadata.sizes?.default_max_positions)] ?? {};
+  return (sizes[dual ? "dual" : "single"] || []).map((c) => {
+    const panel = dual ? ` (two ${c.panel[0]}×${c.panel[1]} panels)` : "";
+    return { label: `${c.width}×${c.height}${panel} · ${c.ratio} · ${c.tokens.toLocaleString("en-US")} tokens`,
+             width: c.width, height: c.height, tokens: c.tokens };
+  });
 }
 
 function snap(value, step) {
-  return Math.max(step, Math.round(value / step) * step);
-}
-
-// Grid-valid sizes for a task: [{label, width, height, tokens}], panels for dual-panel tasks.
-export function resolutionChoices(task) {
-  const dual = isDualPanel(task);
-  const seen = new Set();
-  const out = [];
-  for (const side of SIDES) {
-    for (const [rw, rh] of RATIOS) {
-      const area = side * side;
-      const pw = snap(Math.sqrt((area * rw) / rh), GRID);
-      const ph = snap(Math.sqrt((area * rh) / rw), GRID);
-      const width = pw;
-      const height = dual ? 2 * ph : ph;
-      const tokens = imageTokenCount(width, height);
-      const key = `${width}x${height}`;
-      if (tokens > MAX_POSITIONS || seen.has(key)) continue;
-      seen.add(key);
-      // The nominal aspect ratio; "≈" when the 32 px grid cannot hit it exactly.
-      const exact = pw * rh === ph * rw;
-      const ratio = `${exact ? "" : "≈"}${rw}:${rh}`;
-      const panel = dual ? ` (two ${pw}×${ph} panels)` : "";
-      out.push({ label: `${width}×${height}${panel} · ${ratio} · ${tokens.toLocaleString("en-US")} tokens`,
-                 width, height, tokens });
-    }
-  }
-  out.sort((a, b) => a.tokens - b.tokens);
-  return out;
+  // 0 stays 0: "model default".
+  return value <= 0 ? 0 : Math.max(step, Math.round(value / step) * step);
 }
 
 function widget(node, name) {
@@ -80,40 +92,50 @@ function setSize(node, width, height) {
   node.setDirtyCanvas?.(true, true);
 }
 
-function tokenLabel(node) {
+// What the picker shows for the current values: the size (the model's default where 0) and its cost.
+export function sizeLabel(node) {
   const task = widget(node, "task")?.value;
-  const width = widget(node, "width")?.value;
-  const height = widget(node, "height")?.value;
-  if (!width || !height) return "";
-  const tokens = imageTokenCount(width, height);
-  const over = tokens > MAX_POSITIONS ? " — over the budget!" : "";
-  return `${width}×${height}${isDualPanel(task) ? " (dual panel)" : ""}: ${tokens.toLocaleString("en-US")} tokens${over}`;
+  let width = widget(node, "width")?.value;
+  let height = widget(node, "height")?.value;
+  if (width == null || height == null) return "";
+  const model = connectedModel(node);
+  const modelName = model ? model.name.split("/").pop() : "official";
+  const typed = width > 0 && height > 0;
+  const size = model?.defaults?.sizes?.[task];
+  if (!width && size) width = size[0];
+  if (!height && size) height = size[1];
+  if (!width || !height) return "model default size";
+  const choice = resolutionChoices(task, model).find((c) => c.width === width && c.height === height);
+  const cost = choice ? `${choice.tokens.toLocaleString("en-US")} tokens` : "checked when queued";
+  return `${typed ? "" : `model default (${modelName}): `}${width}×${height}` +
+         `${isDualPanel(task) ? " (dual panel)" : ""}: ${cost}`;
 }
 
 function addResolutionPicker(node) {
   const taskWidget = widget(node, "task");
   const refresh = () => {
-    const choices = resolutionChoices(taskWidget?.value);
+    const choices = resolutionChoices(taskWidget?.value, connectedModel(node));
     picker.options.values = [PICKER_NONE, ...choices.map((c) => c.label)];
     picker.choices = choices;
-    picker.value = tokenLabel(node) || PICKER_NONE;  // the combo shows the current size and its cost
+    picker.value = sizeLabel(node) || PICKER_NONE;  // the combo shows the current size and its cost
   };
   const picker = nonSerialized(node.addWidget("combo", "resolution", PICKER_NONE, (label) => {
     const choice = picker.choices?.find((c) => c.label === label);
     if (choice) setSize(node, choice.width, choice.height);
-    picker.value = tokenLabel(node) || PICKER_NONE;
+    picker.value = sizeLabel(node) || PICKER_NONE;
   }, { values: [PICKER_NONE] }));
+  picker.tooltip = "Sizes that fit the connected model, fewest tokens first (from the Loader's model).";
 
-  // Snap sizes to the grid (height to 64 px for dual-panel tasks so each panel stays on the grid).
+  // Snap sizes to the grid (height to two grids for dual-panel tasks so each panel stays on the grid).
   for (const name of ["width", "height"]) {
     const w = widget(node, name);
     if (!w) continue;
     const original = w.callback;
     w.callback = function (value, ...rest) {
-      const step = name === "height" && isDualPanel(taskWidget?.value) ? 2 * GRID : GRID;
-      const snapped = snap(Number(value) || step, step);
+      const step = name === "height" && isDualPanel(taskWidget?.value) ? 2 * grid() : grid();
+      const snapped = snap(Number(value) || 0, step);
       if (snapped !== w.value) w.value = snapped;
-      picker.value = tokenLabel(node);
+      picker.value = sizeLabel(node);
       return original?.call(this, snapped, ...rest);
     };
   }
@@ -127,8 +149,29 @@ function addResolutionPicker(node) {
       return result;
     };
   }
+  const onConnectionsChange = node.onConnectionsChange;
+  node.onConnectionsChange = function (...args) {
+    const result = onConnectionsChange?.apply(this, args);
+    refresh();  // another model connected: other sizes fit
+    return result;
+  };
   refresh();
   node.luminaRefreshResolution = refresh;
+}
+
+function refreshAllComposers() {
+  for (const n of app.graph?._nodes || []) n.luminaRefreshResolution?.();
+}
+
+function watchModelWidget(node) {
+  const w = widget(node, "model");
+  if (!w) return;
+  const original = w.callback;
+  w.callback = function (...args) {
+    const result = original?.apply(this, args);
+    refreshAllComposers();
+    return result;
+  };
 }
 
 function textPanel(node, name, minHeight = 60) {
@@ -176,18 +219,26 @@ function showText(node, name, lines) {
 const extension = {
   name: EXTENSION,
   nodeCreated(node) {
-    if (node.comfyClass === COMPOSER || node.type === COMPOSER) addResolutionPicker(node);
+    const type = node.comfyClass || node.type;
+    if (type === COMPOSER) addResolutionPicker(node);
+    if (type === LOADER) watchModelWidget(node);
+  },
+  afterConfigureGraph() {
+    refreshAllComposers();  // links exist now: each composer sees its model
   },
   loadedGraphNode(node) {
     node.luminaRefreshResolution?.();  // values loaded from the workflow: refresh the choices and cost
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === COMPOSER) setMetadata(nodeData.input?.required?.task?.[1]?.lumina, null);
+    if (nodeData.name === LOADER) setMetadata(null, nodeData.input?.required?.model?.[1]?.lumina_models);
     if (![COMPOSER, THINK, BEST_OF_N, SAMPLER].includes(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message, ...rest) {
       const result = onExecuted?.call(this, message, ...rest);
       if (nodeData.name === COMPOSER && message?.text) showText(this, "final_prompt", message.text);
       if (nodeData.name === THINK && message?.text) showText(this, "refined_prompt", message.text);
+      if (nodeData.name === SAMPLER && message?.text) showText(this, "settings_used", message.text);
       if (nodeData.name === BEST_OF_N && message?.lumina_scores) {
         const panel = textPanel(this, "scores", 30 + 22 * Math.ceil(message.lumina_scores.length / 2));
         panel.element.replaceChildren(scoreBadges(message.lumina_scores));
@@ -200,4 +251,4 @@ const extension = {
 
 if (!window.luminaMGPT2) app.registerExtension(extension);
 
-window.luminaMGPT2 = { imageTokenCount, resolutionChoices, scoreBadges, isDualPanel };
+window.luminaMGPT2 = { resolutionChoices, scoreBadges, isDualPanel, sizeLabel, connectedModel, setMetadata, metadata };

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from ..request import body_length  # the one size rule (re-used here by the sampling modules)
+
 # Kinds of body positions (body = everything after start, H, W: rows with new lines, then end).
 CODE, NEW_LINE, END = 0, 1, 2
 
 # The official schedule never lets guidance fall below this floor (reference section e.1).
 OFFICIAL_GUIDANCE_FLOOR = 4.0
-
-
-def body_length(rows: int, cols: int) -> int:
-    """Number of body tokens: every row with its new line, then the image end."""
-    return rows * (cols + 1) + 1
 
 
 def position_kind(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
