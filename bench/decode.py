@@ -1,13 +1,16 @@
-"""CPU decode benchmark (not a test): forward passes plain vs SJD, per-step overhead, memory, KV-cache formula.
+"""CPU decode benchmark (not a test): forward passes plain vs SJD, the step's own cost, per-image time, memory.
 
-    python bench/decode.py [--grid 32] [--codes 1024] [--images 2]
+    python bench/decode.py [--parts passes,steps,demo,memory] [--shapes demo,7b-head] [--dtype float32]
 
 1. Forward passes per image on a SYNTHETIC model with real spatial structure: the next code's
    logits are A[left code] + B[upper code] (a 2-D Markov field over a circle of codes, so nearby
    codes are similar), exposed through the transformer's API so the real decoders run unchanged.
    A random transformer has no spatial locality; its SJD acceptance would mean nothing.
-2. Time per decode step against a bare forward of the same shape, on a small real transformer.
-3. Peak memory (RSS) and the KV-cache size formula against the allocated cache.
+2. The step's own cost at the real shapes (16,384 image codes, top-k 4,096; the demo's
+   transformer and the 7B's hidden size): median time per decode step of plain, SJD and coupled
+   SJD against a bare forward + image-code head of the same shape (CFG batch 2, one thread).
+3. Seconds and forward passes per image on the embedded demo model (trained: real acceptance).
+4. Peak memory (RSS) and the KV-cache size formula against the allocated cache.
 """
 from __future__ import annotations
 
@@ -109,59 +112,182 @@ def forward_pass_figures(args) -> None:
               f"single-token steps {100 * single:.0f}%  ({st['seconds']:.2f} s)")
 
 
-def timing_figures(args) -> None:
+# Step-cost shapes: the image vocabulary of the real model (16,384 codes, top-k 4,096) behind
+# the demo's transformer and behind the 7B's hidden size (one decoder layer: the head's share of a
+# step is what matters here). rows x cols are few rows of 32 codes (256 px wide) after a long
+# prompt, so the key length is about that of a 256x256 image half way (~560) and a run is short.
+STEP_SHAPES = {
+    "demo": dict(hidden=256, layers=4, intermediate=704, rows=8, prompt=420),
+    "7b-head": dict(hidden=4096, layers=1, intermediate=11008, rows=2, prompt=500),
+}
+
+
+# CPU time of this thread, not wall time: with one intra-op thread every op runs here, and other
+# processes on a shared machine then barely move the figures (wall-clock ratios swung 2x).
+cpu_clock = time.thread_time
+
+
+class StepClock:
+    """Times every call of the cached forward and of the image-code head during a real decode.
+
+    A step is the gap between two forward calls; its bare part is the forward and head calls
+    inside that gap. Both are measured within the same step, so load from other processes
+    (memory bandwidth is shared even when cores are not) lands on both sides of the ratio.
+    """
+
+    def __init__(self, forward) -> None:
+        self.forward, self.calls = forward, []   # (kind, start, end)
+
+    def __call__(self, *args, **kwargs):
+        start = cpu_clock()
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self.calls.append(("forward", start, cpu_clock()))
+
+    def wrap_head(self, head):
+        def timed(*args, **kwargs):
+            start = cpu_clock()
+            try:
+                return head(*args, **kwargs)
+            finally:
+                self.calls.append(("head", start, cpu_clock()))
+        return timed
+
+    def steps(self) -> list[tuple[float, float]]:
+        """(step seconds, bare forward + head seconds) per decode step that ran the head (forced tokens skip it)."""
+        starts = [i for i, c in enumerate(self.calls) if c[0] == "forward"]
+        out = []
+        for a, b in zip(starts[1:], starts[2:]):   # the first forward is the prefill
+            inside = self.calls[a:b]
+            if any(kind == "head" for kind, _, _ in inside):
+                out.append((self.calls[b][1] - self.calls[a][1], sum(end - start for _, start, end in inside)))
+        return out
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def step_cost(name: str, shape: dict, args) -> dict:
+    """Median decode-step time of plain, SJD and coupled SJD against a bare forward + image head of the same shape.
+
+    Each figure is the smallest of `--reps` medians, decoders and bare forwards taken in turn, so a
+    burst of load from other processes (memory bandwidth is shared even when cores are not) does
+    not land on one side of a ratio only.
+    """
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=OFFSET + args.t_codes + 4000, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64)
-    model = build_transformer(cfg).eval()
-    rows = cols = args.t_grid
-    job = job_for(rows, cols, args.t_codes, prompt_len=64)
-    n_img = 1
-    sampling = SamplingConfig(cfg=4.0, top_k=min(4096, args.t_codes), num_images=n_img)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Best of 2 runs each: the minimum filters out other processes on a shared machine.
-    ar_stats = min((decode_ar(model, job, sampling, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
-    rss_ar = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    s = SamplingConfig(cfg=4.0, top_k=min(4096, args.t_codes), num_images=n_img, sjd=True, sjd_window=args.window)
-    sjd_stats = min((decode_sjd(model, job, s, [0])[1] for _ in range(2)), key=lambda st: st["seconds"])
+    hidden = shape["hidden"]
+    cfg = ModelConfig(vocab_size=OFFSET + args.t_codes + 16, hidden_size=hidden, intermediate_size=shape["intermediate"],
+                      num_hidden_layers=shape["layers"], num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
+    model = build_transformer(cfg).eval().to(DTYPES[args.dtype])
+    job = job_for(shape["rows"], 32, args.t_codes, prompt_len=shape["prompt"])
+    top_k = min(args.t_top_k, args.t_codes)
+    decoders = {"plain": {}, "sjd": dict(sjd=True, sjd_window=args.window),
+                "coupled": dict(sjd=True, sjd_window=args.window, sjd_coupled=True)}
+    out: dict[str, float] = {}
 
-    # Bare forwards of the same shapes at the mean cache length: the transformer and the image-code
-    # head, nothing else (no sampling, no bookkeeping).
-    with torch.no_grad():
-        batch = CFGBatch(model, job, sampling, n_img, window=args.window)
-        batch.prefill(len(job.cond_prefix))
-        mid = job.generated_tokens // 2
-        batch.cache.lengths += mid
-        batch.host_pointer = [p + mid for p in batch.host_pointer]
+    def keep_min(key: str, value: float) -> None:
+        out[key] = min(out.get(key, float("inf")), value)
 
-        def bare(n: int, reps: int) -> float:
-            ids = torch.full((2 * n_img, n), OFFSET)
-            kv = max(batch.host_pointer) + n
-            best = float("inf")
+    def bare(n: int, reps: int) -> float:
+        """A forward + image head of n tokens per row at the mean key length, nothing else (no sampling, no bookkeeping)."""
+        batch = CFGBatch(model, job, SamplingConfig(cfg=4.0, top_k=top_k), 1, window=args.window)
+        try:
+            batch.prefill(len(job.cond_prefix))
+            mid = job.generated_tokens // 2
+            batch.cache.lengths += mid
+            ids = torch.full((2, n), OFFSET)
+            kv = len(job.cond_prefix) + mid + n
+            times = []
             for _ in range(reps):
-                t = time.perf_counter()
+                t = cpu_clock()
                 batch.image_logits(model.hidden_states(ids, cache=batch.cache, kv_len=kv))
-                best = min(best, time.perf_counter() - t)
+                times.append(cpu_clock() - t)
                 batch.cache.rollback(n)
-            return best
+            return _median(times)
+        finally:
+            batch.release()
 
-        bare1, bare_w = bare(1, 40), bare(args.window, 20)
-    ar_step = ar_stats["seconds"] / ar_stats["forward_passes"]
-    sjd_step = sjd_stats["seconds"] / sjd_stats["forward_passes"]
-    print(f"\nsmall real transformer: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, "
-          f"{rows}x{cols} codes, CFG batch 2, threads {torch.get_num_threads()}")
-    print(f"  AR  step {1e3 * ar_step:.2f} ms vs bare forward+head [2,1] {1e3 * bare1:.2f} ms -> {ar_step / bare1:.2f}x")
-    print(f"  SJD step {1e3 * sjd_step:.2f} ms vs bare forward+head [2,{args.window}] {1e3 * bare_w:.2f} ms -> {sjd_step / bare_w:.2f}x"
-          f"  ({sjd_stats['forward_passes']} vs {ar_stats['forward_passes']} passes on random weights)")
-    formula = KVCache.nbytes_for(cfg, 2 * n_img, batch.max_len, torch.float32)
-    print(f"  KV cache: formula 2*layers*rows*kv_heads*max_len*head_dim*4 B = {formula / 2**20:.2f} MiB, "
-          f"allocated {batch.cache.nbytes / 2**20:.2f} MiB ({'match' if formula == batch.cache.nbytes else 'MISMATCH'})")
+    with torch.no_grad():
+        for _ in range(args.reps):
+            for decoder, extra in decoders.items():
+                sampling = SamplingConfig(cfg=4.0, top_k=top_k, **extra)
+                clock = StepClock(model.hidden_states)
+                model.hidden_states = clock        # the decoders call model.hidden_states: time every call
+                head = CFGBatch.image_logits
+                CFGBatch.image_logits = clock.wrap_head(head)
+                try:
+                    (decode_sjd if sampling.sjd else decode_ar)(model, job, sampling, [0])
+                finally:
+                    del model.hidden_states
+                    CFGBatch.image_logits = head
+                steps = clock.steps()
+                keep_min(decoder, _median([step for step, _ in steps]))
+                keep_min(decoder + "_ratio", _median([step / bare for step, bare in steps]))
+            keep_min("bare1", bare(1, 30))
+            keep_min("bare_w", bare(args.window, 20))
+    print(f"{name}: hidden {hidden}, {cfg.num_hidden_layers} layer(s), {args.t_codes} codes, top-k {top_k}, "
+          f"{args.dtype}, CFG batch 2, keys ~{len(job.cond_prefix) + job.generated_tokens // 2}, "
+          f"threads {torch.get_num_threads()}")
+    for decoder, n in (("plain", 1), ("sjd", args.window), ("coupled", args.window)):
+        bare_ms = 1e3 * out["bare1" if n == 1 else "bare_w"]
+        print(f"  {decoder:7s} step {1e3 * out[decoder]:7.2f} ms (bare forward + head [2,{n}] alone {bare_ms:7.2f} ms); "
+              f"step / its own forward + head: {out[decoder + '_ratio']:.2f}x")
+    return out
+
+
+def demo_per_image(args) -> None:
+    """Seconds and forward passes per image on the embedded demo model (trained weights: real acceptance)."""
+    from lumina_core.demo import data
+    from lumina_core.pipeline import LuminaPipeline
+    from lumina_core.request import Request
+
+    pipe = LuminaPipeline.from_pretrained("demo", dtype=torch.float32, device="cpu")
+    prompts = ["a red circle above a blue square", "a green triangle in the top left", "a yellow square",
+               "a blue circle to the left of a red triangle"]
+    defaults = dict(cfg=1.5, guidance="constant", top_k=50, num_images=args.images)
+    print(f"\ndemo model (64x64, 8x8 codes, {pipe.layout.num_image_codes} codes, top-k 50, CFG 1.5), "
+          f"{len(prompts)} prompts x {args.images} images, best of 2 runs:")
+    for name, extra in (("plain", {}), ("SJD", dict(sjd=True)), ("SJD coupled", dict(sjd=True, sjd_coupled=True))):
+        seconds, passes = [], 0
+        for rep in range(2):
+            total = 0.0
+            for i, prompt in enumerate(prompts):
+                request = Request(task="t2i", prompt=prompt, width=data.IMAGE_SIZE, height=data.IMAGE_SIZE)
+                out = pipe.generate(request, SamplingConfig(**defaults, seed=100 * i, **extra))
+                total += out.stats["seconds"]
+                passes += out.stats["forward_passes"] if rep == 0 else 0
+            seconds.append(total)
+        images = len(prompts) * args.images
+        print(f"  {name:11s}: {1e3 * min(seconds) / images:6.1f} ms per image, {passes / images:5.1f} forward passes per image")
+
+
+def memory_figures(args) -> None:
+    """Peak memory (RSS) and the KV-cache size formula against the allocated cache."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=OFFSET + 4096 + 16, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4)
+    model = build_transformer(cfg).eval()
+    job = job_for(16, 16, 4096, prompt_len=64)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampling = SamplingConfig(cfg=4.0, top_k=4096)
+    decode_ar(model, job, sampling, [0])
+    rss_ar = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batch = CFGBatch(model, job, sampling, 1, window=args.window)
+    formula = KVCache.nbytes_for(cfg, 2, batch.max_len, torch.float32)
+    print(f"\nKV cache: formula = {formula / 2**20:.2f} MiB, allocated {batch.cache.nbytes / 2**20:.2f} MiB "
+          f"({'match' if formula == batch.cache.nbytes else 'MISMATCH'})")
+    batch.release()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"  peak RSS {rss_ar / 1024:.0f} MiB (before decoding {rss0 / 1024:.0f} MiB; weights {weights / 2**20:.0f} MiB)")
+    print(f"peak RSS {rss_ar / 1024:.0f} MiB (before decoding {rss0 / 1024:.0f} MiB; weights {weights / 2**20:.0f} MiB)")
     c7 = ModelConfig.preset("7b")
     full = KVCache.nbytes_for(c7, 2, 9316 + 200 + 17, torch.bfloat16)
-    print(f"  7B at 768x768 (CFG batch 2, 200-token prompt, window 16): KV cache {full / 1e9:.2f} GB in bf16")
-    batch.release()
+    print(f"7B at 768x768 (CFG batch 2, 200-token prompt, window 16): KV cache {full / 1e9:.2f} GB in bf16")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main() -> None:
@@ -172,15 +298,26 @@ def main() -> None:
     p.add_argument("--sharpness", type=float, default=3.0)
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--window", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--t-grid", type=int, default=16)
-    p.add_argument("--t-codes", type=int, default=4096)
+    p.add_argument("--t-codes", type=int, default=16384, help="image codes of the step-cost shapes")
+    p.add_argument("--t-top-k", type=int, default=4096)
+    p.add_argument("--shapes", default="demo,7b-head", help=f"step-cost shapes: {', '.join(STEP_SHAPES)}")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--reps", type=int, default=3, help="step-cost repetitions (the smallest median counts)")
+    p.add_argument("--parts", default="passes,steps,demo,memory")
     p.add_argument("--threads", type=int, default=1)  # >1 thread on a busy shared CPU distorts timings badly
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    forward_pass_figures(args)
-    timing_figures(args)
+    parts = args.parts.split(",")
+    if "passes" in parts:
+        forward_pass_figures(args)
+    if "steps" in parts:
+        print()
+        for name in args.shapes.split(","):
+            step_cost(name, STEP_SHAPES[name], args)
+    if "demo" in parts:
+        demo_per_image(args)
+    if "memory" in parts:
+        memory_figures(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ vocabulary; the tests check that both forms give the same distribution.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..request import body_length  # the one size rule (re-used here by the sampling modules)
 
@@ -64,7 +66,7 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | 
     """Classifier-free guidance on raw logits: scale * (cond - uncond) + uncond (scale broadcast on the last dim)."""
     if isinstance(scale, torch.Tensor):
         scale = scale.to(cond.dtype)[..., None]
-    return scale * (cond - uncond) + uncond
+    return (cond - uncond).mul_(scale).add_(uncond)  # one buffer, not three: the same arithmetic
 
 
 def grammar_mask_full(logits: torch.Tensor, kind: torch.Tensor, new_line: int, image_end: int,
@@ -81,14 +83,34 @@ def grammar_mask_full(logits: torch.Tensor, kind: torch.Tensor, new_line: int, i
     return out.masked_fill(forced, 0.0)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep entries >= the k-th largest value of the last dim (ties kept), others -inf."""
+def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value along the last dim [..., 1], found by selection, not by sorting."""
+    return torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
+def top_k_filter(logits: torch.Tensor, k: int, inplace: bool = False) -> torch.Tensor:
+    """Keep entries >= the k-th largest value of the last dim (ties kept), others -inf (in place if `inplace`).
+
+    Only the k-th value matters, and it is the same however it is found, so the kept set and the
+    result are too. On CPU (float32, eager) numpy's introselect over the values alone finds it in
+    about half the time of torch.topk (which selects (value, index) pairs), and a per-row
+    `threshold_` at the float just below it masks in a vectorised pass (a boolean mask took 5x as long).
+    """
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
-    if k >= logits.shape[-1]:
+    n = logits.shape[-1]
+    if k >= n:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    out = logits if inplace else logits.clone()
+    if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous() \
+            and not torch.compiler.is_compiling():
+        rows = out.view(-1, n)
+        kth = np.partition(rows.numpy(), n - k, axis=-1)[:, n - k]
+        below_kth = np.nextafter(kth, np.float32(-np.inf))  # x > below_kth  <=>  x >= kth, for float32 x
+        for row, threshold in zip(rows, below_kth.tolist()):
+            F.threshold_(row, threshold, float("-inf"))
+        return out
+    return out.masked_fill_(out < kth_largest(out, k), float("-inf"))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -106,7 +128,8 @@ def image_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: torch.Te
     the restriction itself); `uncond=None` means no CFG (cfg == 1).
     """
     logits = cond if uncond is None else cfg_combine(cond, uncond, scale)
-    logits = apply_temperature(top_k_filter(logits, top_k), temperature)
+    # The CFG result is ours to overwrite; the caller's conditional logits are not.
+    logits = apply_temperature(top_k_filter(logits, top_k, inplace=uncond is not None), temperature)
     return torch.softmax(logits, dim=-1)
 
 

@@ -111,7 +111,11 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
         host_done = [job.first_body] * n
         draft_pos = done_count[:, None] + ar[: w - 1]
         drafts = random_drafts(draft_pos, rng.uniform(w - 1))
-        q = uniform_q.expand(n, w - 1, num_codes).clone()
+        # Where each draft was drawn from: row q_src[i, j] of the previous step's p, or uniform (q_src = -1).
+        # Kept as an index into that p rather than as copied rows: only the draft entries and one
+        # residual row per image are ever read.
+        prev_p = torch.zeros(n, w, num_codes, device=device)
+        q_src = torch.full((n, w - 1), -1, dtype=torch.long, device=device)
         while min(host_done) < total:
             finished = done_count >= total
             hidden = batch.step(torch.cat([last[:, None], drafts], 1))
@@ -123,15 +127,18 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
 
             # Verify draft j (body position done+j, input j+1) against p at output j.
             d_kind = kinds_at(pos[:, : w - 1])
-            d_code = (drafts - job.code_offset).clamp(0, num_codes - 1)[..., None]
-            p_d = p[:, : w - 1].gather(-1, d_code)[..., 0]
-            q_d = q.gather(-1, d_code)[..., 0].clamp_min(1e-30)
-            accept = torch.where(d_kind == CODE, u_accept < p_d / q_d, d_kind != BEYOND)
+            d_code = (drafts - job.code_offset).clamp(0, num_codes - 1)
+            p_d = p[:, : w - 1].gather(-1, d_code[..., None])[..., 0]
+            from_prev = q_src >= 0
+            q_d = torch.where(from_prev, prev_p[rows_idx[:, None], q_src.clamp(min=0), d_code], uniform_q[0])
+            accept = torch.where(d_kind == CODE, u_accept < p_d / q_d.clamp_min(1e-30), d_kind != BEYOND)
             k = accept.long().cumprod(1).sum(1)                          # accepted drafts [N]
 
             # The token after the accepted drafts: residual sample on rejection, bonus sample from p otherwise.
             p_k = p[rows_idx, k]
-            q_k = q[rows_idx, k.clamp(max=w - 2)]
+            k_q = k.clamp(max=w - 2)
+            src_k = q_src[rows_idx, k_q]
+            q_k = torch.where((src_k >= 0)[:, None], prev_p[rows_idx, src_k.clamp(min=0)], uniform_q)
             residual = (p_k - q_k).clamp_min(0)
             use_residual = (k < w - 1) & (residual.sum(-1) > RESIDUAL_EPS)
             dist = torch.where(use_residual[:, None], residual, p_k)
@@ -147,9 +154,8 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
             new_done = torch.where(finished, done_count, (new_pos + 1).clamp(max=total))
 
             # Refresh: this step's samples at later positions become the next drafts (q = their p).
-            log_p = torch.log(p)
             if coupled:
-                samples = _gumbel_argmax(log_p, hash_uniform(seed_t, pos, num_codes))
+                samples = _gumbel_argmax(torch.log(p), hash_uniform(seed_t, pos, num_codes))  # log p: coupled only
             else:
                 samples = sample_inverse_cdf(p, u_draw)
             next_pos = new_done[:, None] + ar[: w - 1]
@@ -159,8 +165,7 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
             carried = samples.gather(1, src_c) + job.code_offset
             fresh = random_drafts(next_pos, u_fresh)
             next_drafts = torch.where(from_step, _with_forced(carried, kinds_at(next_pos)), fresh)
-            q_carried = p.gather(1, src_c[..., None].expand(-1, -1, num_codes))
-            next_q = torch.where(from_step[..., None], q_carried, uniform_q)
+            next_src = torch.where(from_step, src_c, torch.full_like(src_c, -1))
 
             # Keep the window's first k+1 cache entries (last token + accepted drafts); finished rows keep none.
             kept = torch.where(finished, torch.zeros_like(k), k + 1)
@@ -172,7 +177,7 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
                 if host_done[i] < total:
                     accepted_hist[k_host[i]] += 1
             last = torch.where(finished, last, new_tok)
-            done_count, host_done, drafts, q = new_done, done_host_t, next_drafts, next_q
+            done_count, host_done, drafts, q_src, prev_p = new_done, done_host_t, next_drafts, next_src, p
             reporter.update(body, min(host_done))
         reporter.finish(body)
     finally:

@@ -114,7 +114,11 @@ class CFGBatch:
         self.bucket_kv = bucket_kv
         self.host_pointer = [0] * num_images  # cache pointer per image, known on the host
         self.forward_passes = 0
-        self.guidance = guidance_table(sampling.cfg, sampling.guidance, job.rows, job.cols, job.first_body, self.device)
+        # Guidance by body position (0 .. body_len + window: a window may reach past the end), built
+        # once on the device: one gather per step, no host copy.
+        table = guidance_table(sampling.cfg, sampling.guidance, job.rows, job.cols, job.first_body, self.device)
+        index = (torch.arange(job.body_len + window + 1, device=self.device) - job.first_body).clamp(0, table.numel() - 1)
+        self.guidance_at = table[index]
 
     # --- model calls ------------------------------------------------------------------------
     def _kv_len(self, n: int) -> int:
@@ -174,8 +178,7 @@ class CFGBatch:
     def probs(self, hidden: torch.Tensor, body_pos: torch.Tensor) -> torch.Tensor:
         """The target distribution [N, n, C] at body positions body_pos [N, n] (via `image_probs`)."""
         cond, uncond = self.image_logits(hidden)
-        index = (body_pos - self.job.first_body).clamp(0, self.guidance.numel() - 1)
-        scale = self.guidance[index] if self.use_cfg else None
+        scale = self.guidance_at[body_pos] if self.use_cfg else None
         return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
 
     def release(self) -> None:
