@@ -60,7 +60,7 @@ PINNED = {  # (codes, uint8 pixels): first 16 hex digits of their sha256
     "dense_canny_sjd": ('ce7cdd853190e3e7', '7884e70865740eeb'),
     "t2i_plain": ('78bab924a8ce83c2', '7e755997594f8eaa'),
     "t2i_sjd": ('65847a1521274661', 'f7bd55d25ec77a4d'),
-    "t2i_sjd_coupled_official": ('7e55bac0e3d97bd5', '4bfb259ed9f35332'),
+    "t2i_sjd_coupled_official": ('cb0a77eb8d4293c0', '750f030c9e72d746'),  # coupled noise: int32 hash, exponential race (issue 18)
 }
 
 

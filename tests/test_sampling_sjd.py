@@ -10,7 +10,7 @@ from lumina_core.sampling import SamplingConfig
 from lumina_core.sampling.ar import decode_ar
 from lumina_core.sampling.state import DecodeJob
 from lumina_core.sampling.logits import CODE, full_vocab_probs, guidance_table, position_kind
-from lumina_core.sampling.sjd import decode_sjd, hash_uniform
+from lumina_core.sampling.sjd import code_keys, coupled_draw, decode_sjd, hash_codes, hash_uniform, position_keys
 
 START, END_ID, NL, OFFSET = 10, 11, 12, 16
 
@@ -135,10 +135,26 @@ def test_sjd_same_seed_same_image_whatever_the_batch():
         assert torch.equal(many[1], one[0])
 
 
+PINNED_NOISE = [13729330, 13343540, 11151252]  # 24-bit noise of seed 0, position 0, codes 0-2
+
+
 def test_hash_noise_is_uniform_and_position_specific():
-    u = hash_uniform(torch.tensor([0, 1]), torch.arange(200).expand(2, -1), 500)
-    assert 0 < float(u.min()) and float(u.max()) < 1
+    codes = code_keys(500, "cpu")
+    u = hash_uniform(position_keys(torch.tensor([0, 1]), torch.arange(200).expand(2, -1)), codes)
+    assert u.dtype == torch.float32 and 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
     assert not torch.equal(u[0, 1], u[1, 0])  # seed+1 is not a shifted copy of seed
-    again = hash_uniform(torch.tensor([1]), torch.tensor([[5]]), 500)
+    again = hash_uniform(position_keys(torch.tensor([1]), torch.tensor([[5]])), codes)
     assert torch.equal(again[0, 0], u[1, 5])
+    # Counter-based: these bits are what every device computes (int32 wrap-around, logical shifts).
+    assert u[0, 0, :3].mul(2 ** 24).sub(0.5).long().tolist() == PINNED_NOISE
+    fresh = hash_codes(position_keys(torch.tensor([0]), torch.arange(4000)[None]), 7)
+    assert torch.bincount(fresh[0], minlength=7).min() > 500  # uniform over the codes
+
+
+def test_exponential_race_draws_from_p():
+    p = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    keys = position_keys(torch.tensor([3]), torch.arange(20000)[None])
+    draws = coupled_draw(p.expand(1, 20000, 4), hash_uniform(keys, code_keys(4, "cpu")))[0]
+    freq = torch.bincount(draws, minlength=4).double() / 20000
+    assert freq[1] == 0 and torch.allclose(freq, p.double(), atol=0.015)

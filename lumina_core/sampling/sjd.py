@@ -16,15 +16,17 @@ SJD; we copy neither.) Forced positions (new line, end) are drafted with the for
 always accepted (p = q = one-hot there). Rejected KV entries are dropped by moving each image's
 cache pointer back.
 
-Coupled variant ("MC-SJD", `coupled=True`): drafts at body position t are drawn by Gumbel-max
-with noise G_t that is FIXED per (image seed, position), via a counter-based hash, so when p at t
-barely changes between steps the redraw returns the same token and gets accepted. Exactness: the
-noise G_t is used for nothing but drafting position t. Every decision about positions < t
-(acceptances, residual draws, bonus tokens; all with fresh per-step uniforms from the image's
-generator) and the draft distribution q_t (a function of tokens before t only) are therefore
-independent of G_t, so conditionally on them the draft at t is still an exact sample of q_t and
-the speculative test above stays exact. Residual and bonus samples never use G. The only
-approximation is the hash (32-bit uniforms; see `hash_uniform`).
+Coupled variant ("MC-SJD", `coupled=True`): drafts at body position t are drawn with noise that
+is FIXED per (image seed, position), via a counter-based hash, so when p at t barely changes
+between steps the redraw returns the same token and gets accepted. A refreshed draft is the
+exponential race argmin_c E_t[c] / p(c) with E_t = -log(U_t) (the Gumbel-max draw in the form
+that needs no log of p); a fresh draft is floor(V_t * C) with V_t a second hash of (seed, t).
+Exactness: the noise at t is used for nothing but drafting position t. Every decision about
+positions < t (acceptances, residual draws, bonus tokens; all with fresh per-step uniforms from
+the image's generator) and the draft distribution q_t (a function of tokens before t only) are
+therefore independent of it, so conditionally on them the draft at t is still an exact sample
+of q_t and the speculative test above stays exact. Residual and bonus samples never use the
+hash. The only approximation is the hash itself (24-bit uniforms; see `hash_uniform`).
 """
 from __future__ import annotations
 
@@ -52,17 +54,57 @@ def _pcg(x: torch.Tensor) -> torch.Tensor:
     return ((word >> 22) ^ word) & _MASK32
 
 
-def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
-    """Uniforms in (0, 1) [N, n, count] that depend only on (seed, position, code): the coupled-draft noise."""
+def _signed32(value: int) -> int:
+    """A 32-bit constant as the int32 with the same bits."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_FMIX1, _FMIX2 = _signed32(0x85EBCA6B), _signed32(0xC2B2AE35)
+
+
+def position_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """32-bit key per (image seed [N], body position [N, n]) in int64 [N, n]: what the coupled noise hangs on."""
     seed_key = _pcg(_pcg(seeds & _MASK32) ^ _pcg((seeds >> 32) & _MASK32))               # [N]
-    pos_key = _pcg(seed_key[:, None] ^ _pcg((positions + 0x9E3779B9) & _MASK32))         # [N, n]
-    codes = _pcg(torch.arange(count, device=seeds.device, dtype=torch.long) ^ 0x85EBCA6B)  # [count]
-    h = _pcg(_pcg(pos_key[..., None] ^ codes))
-    return (h.double() + 0.5) / 2.0**32
+    return _pcg(seed_key[:, None] ^ _pcg((positions + 0x9E3779B9) & _MASK32))            # [N, n]
 
 
-def _gumbel_argmax(log_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return (log_p - torch.log(-torch.log(u)).to(log_p.dtype)).argmax(-1)
+def code_keys(count: int, device: torch.device | str) -> torch.Tensor:
+    """One well-mixed int32 constant per image code [count] (built once per job)."""
+    return _signed32_tensor(_pcg(torch.arange(count, device=device, dtype=torch.long) ^ 0x85EBCA6B))
+
+
+def _signed32_tensor(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def hash_uniform(keys: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Float32 uniforms in (0, 1) [N, n, C] from position keys [N, n] and code keys [C]: the coupled-draft noise.
+
+    murmur3's 32-bit finaliser on key ^ code in int32 arithmetic (multiplication wraps; right shifts
+    are masked so they are logical), then the top 24 bits as a float32 uniform: the same bits on
+    every device, about ten cheap integer passes instead of two 64-bit PCG hashes per entry.
+    """
+    h = _signed32_tensor(keys)[..., None] ^ codes   # in place from here: a fresh 1 MB buffer per op cost 3x
+    h.mul_(_FMIX1)
+    h ^= (h >> 13).bitwise_and_(0x7FFFF)
+    h.mul_(_FMIX2)
+    h ^= (h >> 16).bitwise_and_(0xFFFF)
+    return h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float().add_(0.5).mul_(2.0 ** -24)
+
+
+def hash_codes(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """A uniform code in 0..count-1 per position key [N, n] (the coupled fresh draft): floor(V * count)."""
+    v = _pcg(keys ^ 0x68E31DA4)  # a second, independent hash of the same (seed, position)
+    return (v * count) >> 32
+
+
+def coupled_draw(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax_c p[c] / E[c] with E = -log(noise): an exact draw from p (the exponential race; Gumbel-max without log p).
+
+    Overwrites `noise` (the caller's fresh hash output).
+    """
+    exponential = noise.log_().neg_()
+    return torch.div(p, exponential, out=exponential).argmax(-1)
 
 
 @torch.no_grad()
@@ -81,6 +123,7 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
     device = batch.device
     rng = RowRandom(seeds, device)
     seed_t = torch.tensor(seeds, dtype=torch.long, device=device)
+    code_key = code_keys(num_codes, device) if coupled else None
     rows_idx = torch.arange(n, device=device)
     ar = torch.arange(w, device=device)
     uniform_q = torch.full((num_codes,), 1.0 / num_codes, device=device)
@@ -93,7 +136,7 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
     def random_drafts(pos: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Fresh drafts at body positions pos [N, m]: uniform codes (forced tokens where the grammar fixes them)."""
         if coupled:
-            codes = hash_uniform(seed_t, pos, num_codes).argmax(-1)  # argmax of i.i.d. noise = uniform draw
+            codes = hash_codes(position_keys(seed_t, pos), num_codes)
         else:
             codes = (u * num_codes).long().clamp_(max=num_codes - 1)
         return _with_forced(codes + job.code_offset, kinds_at(pos))
@@ -155,7 +198,7 @@ def decode_sjd(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfi
 
             # Refresh: this step's samples at later positions become the next drafts (q = their p).
             if coupled:
-                samples = _gumbel_argmax(torch.log(p), hash_uniform(seed_t, pos, num_codes))  # log p: coupled only
+                samples = coupled_draw(p, hash_uniform(position_keys(seed_t, pos), code_key))
             else:
                 samples = sample_inverse_cdf(p, u_draw)
             next_pos = new_done[:, None] + ar[: w - 1]
