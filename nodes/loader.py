@@ -9,6 +9,7 @@ from ..lumina_core.defaults import ModelDefaults
 from ..lumina_core.errors import InputError
 from ..lumina_core.hub import (BUILTIN_MODELS, MOVQGAN_FILE, OFFICIAL_MODEL_REPOS, ModelNotFoundError, is_repo_id,
                                resolve_model, safe_model_name)
+from ..lumina_core.quant import QUANT_MODES
 from ..lumina_core.request import DEFAULT_MAX_POSITIONS
 from . import comfy_bridge as bridge
 from .common import CATEGORY, PIPE, NodeInputError
@@ -16,7 +17,7 @@ from .common import CATEGORY, PIPE, NodeInputError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none",) + QUANT_MODES
 
 
 def model_choices() -> list[str]:
@@ -83,8 +84,9 @@ class LuminaMGPT2Loader:
                                               "into models/lumina_mgpt2 (progress in the console)."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 where the device is fast "
                                          "with it, else fp16/fp32 as ComfyUI decides."}),
-                "quantization": (list(QUANTIZATIONS), {"default": "none", "tooltip": "torchao weight-only "
-                                                       "quantization of the transformer (int8 / int4)."}),
+                "quantization": (list(QUANTIZATIONS), {"default": "none", "tooltip": "torchao quantization of "
+                                                       "the transformer (int8 / int4 / fp8); the fastest kernel "
+                                                       "for this GPU is picked at load (console log)."}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the decode step (slow first "
                                         "run, faster afterwards)."}),
             }
