@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional
 
 import torch
@@ -39,6 +40,7 @@ class CUDAGraphStep:
         self.pool = None
         self.failed = False
         self.captures = 0
+        self.capture_seconds = 0.0  # wall time spent warming up and capturing (benches report it per image)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  position_ids: Optional[torch.Tensor] = None, cache=None, kv_len: Optional[int] = None) -> torch.Tensor:
@@ -49,6 +51,7 @@ class CUDAGraphStep:
         key = (id(cache), cache.lengths.data_ptr(), tuple(input_ids.shape), tuple(position_ids.shape), kv_len)
         entry = self.graphs.get(key)
         if entry is None:
+            started = time.perf_counter()
             try:
                 entry = self._capture(input_ids, position_ids, cache, kv_len)
             except RuntimeError as e:  # an op that cannot be captured: keep working, eagerly
@@ -57,6 +60,7 @@ class CUDAGraphStep:
                 self.graphs.clear()
                 return self.fn(input_ids, position_ids=position_ids, cache=cache, kv_len=kv_len)
             self.graphs[key] = entry
+            self.capture_seconds += time.perf_counter() - started
         graph, ids_buf, pos_buf, out = entry
         ids_buf.copy_(input_ids)
         pos_buf.copy_(position_ids)
