@@ -158,7 +158,7 @@ class StepClock:
         """(step seconds, bare forward + head seconds) per decode step that ran the head (forced tokens skip it)."""
         starts = [i for i, c in enumerate(self.calls) if c[0] == "forward"]
         out = []
-        for a, b in zip(starts[1:], starts[2:]):   # the first forward is the prefill
+        for a, b in zip(starts, starts[1:]):   # the prefill is not a decode step (it calls hidden_states)
             inside = self.calls[a:b]
             if any(kind == "head" for kind, _, _ in inside):
                 out.append((self.calls[b][1] - self.calls[a][1], sum(end - start for _, start, end in inside)))
@@ -203,7 +203,7 @@ def step_cost(name: str, shape: dict, args) -> dict:
             times = []
             for _ in range(reps):
                 t = cpu_clock()
-                batch.image_logits(model.hidden_states(ids, cache=batch.cache, kv_len=kv))
+                batch.image_logits(model.decode_step(ids, cache=batch.cache, kv_len=kv))
                 times.append(cpu_clock() - t)
                 batch.cache.rollback(n)
             return _median(times)
@@ -214,14 +214,14 @@ def step_cost(name: str, shape: dict, args) -> dict:
         for _ in range(args.reps):
             for decoder, extra in decoders.items():
                 sampling = SamplingConfig(cfg=4.0, top_k=top_k, **extra)
-                clock = StepClock(model.hidden_states)
-                model.hidden_states = clock        # the decoders call model.hidden_states: time every call
+                clock = StepClock(model.decode_step)
+                model.decode_step = clock          # the decoders' steps call model.decode_step: time every call
                 head = CFGBatch.image_logits
                 CFGBatch.image_logits = clock.wrap_head(head)
                 try:
                     (decode_sjd if sampling.sjd else decode_ar)(model, job, sampling, [0])
                 finally:
-                    del model.hidden_states
+                    del model.decode_step
                     CFGBatch.image_logits = head
                 steps = clock.steps()
                 keep_min(decoder, _median([step for step, _ in steps]))

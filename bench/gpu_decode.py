@@ -162,7 +162,7 @@ def decode_figures(args, device: torch.device) -> list[dict]:
               f"building/quantizing {load_peak:.1f} GB", flush=True)
     step_fn = compile_step(model) if args.compile else None
     if args.cuda_graphs and (device.type == "cuda" or args.cpu_smoke):  # off CUDA it is the eager step: smoke-tests the path
-        step_fn = CUDAGraphStep(step_fn or model.hidden_states)
+        step_fn = CUDAGraphStep(step_fn or model.decode_step)
     job = job_768(rows=8 if args.cpu_smoke else 96)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     tokens = job.generated_tokens
