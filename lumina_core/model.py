@@ -216,6 +216,12 @@ class KVCache:
             return fused_fp8_attention(q, self.k[layer][:, :, :kv_len], self._scale(self.k_scale, layer, kv_len),
                                        self.v[layer][:, :, :kv_len], self._scale(self.v_scale, layer, kv_len), mask)
         k, v = self.read(layer, kv_len)
+        if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
+            # CPU SDPA has no fast reduced-precision path for one query: in float32 a decode step's
+            # attention takes a quarter of the time (0.13 vs 0.48 ms at 560 keys) and rounds less.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
     def rollback(self, counts: torch.Tensor | int) -> None:

@@ -239,3 +239,19 @@ def test_a_job_the_decode_vocabulary_cannot_feed_is_refused():
     job = _oracle_job(sizes=(151673, 151675))  # a size token the vocabulary was not built with
     with pytest.raises(ValueError, match="decode vocabulary lacks"):
         CFGBatch(model, job, SamplingConfig(cfg=3.0), 1, window=1)
+
+
+def test_bf16_decode_attention_on_cpu_runs_in_float32():
+    """One query (a decode step) over a bf16 cache: computed in float32 on CPU, so within bf16 rounding of the exact result."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    cache = KVCache(cfg, 2, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64)
+    cache.write(0, torch.arange(40).expand(2, -1), k.bfloat16(), v.bfloat16())
+    q = torch.randn(2, 2, 1, 64)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bfloat16)
+    got = cache.attend(0, q.bfloat16(), mask)
+    exact = F.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, exact.bfloat16())  # float32 math, rounded once
