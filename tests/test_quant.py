@@ -92,7 +92,8 @@ def test_every_kernel_has_a_torchao_config_and_extras_name_its_packages():
     assert set(OPTIONAL_PACKAGES) <= listed and installed_packages(["surely-not-installed-pkg"]) == frozenset()
 
 
-def test_fp8_weights_on_cpu_and_the_choice_is_logged(caplog):
+def test_fp8_weights_on_cpu_and_the_choice_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(quant, "_logged", set())  # the choice is logged once per process: forget earlier tests'
     model = _tiny_transformer()
     ids = torch.arange(1, 6)[None]
     with torch.no_grad():
