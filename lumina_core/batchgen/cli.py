@@ -16,12 +16,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..cli_options import DTYPES, add_options, from_args, torch_dtype
+from ..defaults import ModelDefaults
 from ..errors import InputError
 from .items import ItemDefaults, single_item
 from .layouts import BENCHMARK_IMAGES, LAYOUTS, SINGLE
@@ -29,8 +28,9 @@ from .run import FINISH_TIMEOUT, BatchOptions, BatchSummary, run_batch, run_sing
 
 AUTO_MODEL = "auto"
 OFFICIAL_MODEL = "Alpha-VLLM/Lumina-mGPT-2.0"
-# The official CLI's sampling defaults, used where neither the user nor the model folder sets one.
-OFFICIAL_SAMPLING = {"cfg": 4.0, "guidance": "official", "top_k": 4096}
+# The official release's cfg, guidance and top-k: what a model folder without its own settings gets.
+OFFICIAL_SAMPLING = ModelDefaults.official().sampling()
+
 MODEL_DECIDES = "the model's (its folder's sampling_defaults.json), else {}"
 
 
@@ -97,41 +97,28 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _model_settings(model: str) -> dict:
+def model_defaults(model: str) -> ModelDefaults:
+    """The model's own settings (``pipe.defaults`` once loaded): its folder's sampling_defaults.json, else official."""
     from ..hub import ModelNotFoundError, resolve_model
 
     try:
-        path = Path(resolve_model(model)) / "sampling_defaults.json"
+        folder = resolve_model(model)
     except (ModelNotFoundError, ValueError):
-        return {}  # not a local folder (yet): the command reports it when loading
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not readable JSON ({error})") from None
-    return data if isinstance(data, dict) else {}
+        return ModelDefaults.official()  # not a local folder (yet): the command reports it when loading
+    return ModelDefaults.from_folder(folder)
 
 
 def apply_model_defaults(args: argparse.Namespace) -> None:
-    """Fill options the user did not type (None) from the model folder's sampling_defaults.json
-    (size per task, cfg, guidance, top-k; the embedded demo has one), else the official defaults;
-    warn on stderr when the model does not list the task."""
-    from ..tasks import get_task
-
-    defaults = _model_settings(args.model)
-    for key, official in OFFICIAL_SAMPLING.items():
-        if getattr(args, key) is None:
-            setattr(args, key, defaults.get(key, official))
-    spec = get_task(args.task)
-    width, height = defaults.get("sizes", {}).get(args.task) or (spec.default_width, spec.default_height)
-    # Each side independently: a typed --width keeps the model's height (and the other way round).
-    args.width = width if args.width is None else args.width
-    args.height = height if args.height is None else args.height
-    tasks = defaults.get("tasks")
-    if tasks and args.task not in tasks:
-        print(f"warning: model {args.model} lists only the tasks {', '.join(tasks)}; {args.task!r} will run but "
-              "was not trained, so expect noise", file=sys.stderr)
+    """Fill options the user did not type (None) from the model's settings (size per task, cfg, guidance,
+    top-k); each side of the size on its own, so a typed --width keeps the model's height; warn on stderr
+    when the model does not list the task."""
+    defaults = model_defaults(args.model)
+    for key, value in defaults.sampling(args.cfg, args.guidance, args.top_k).items():
+        setattr(args, key, value)
+    args.width, args.height = defaults.size(args.task, args.width, args.height)
+    warning = defaults.task_warning(args.task)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _options(args: argparse.Namespace, layout: str, device: str, defaults: ItemDefaults) -> BatchOptions:
