@@ -38,10 +38,11 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, _FILE_MODE if mode is None else mode)  # by default readable like any file the user writes
+    mode = _FILE_MODE if mode is None else mode  # by default readable like any file the user writes
+    os.chmod(tmp, mode)
     try:
         yield tmp
-        os.chmod(tmp, _FILE_MODE)  # again: some writers (safetensors) replace the file with a 0600 one
+        os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file with a 0600 one
         # The writer has closed the file; flush it to disk before the rename makes it visible.
         # "r+b" because Windows cannot fsync a read-only handle.
         with open(tmp, "r+b") as handle:
