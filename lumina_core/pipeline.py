@@ -67,6 +67,7 @@ class LuminaPipeline:
         # full tables stay on the host, where the prompt is embedded.
         transformer.use_decode_vocabulary(decode_token_ids(layout), layout.image_code_offset, layout.num_image_codes)
         self.defaults = defaults or ModelDefaults.official()  # the model's own sizes and sampling settings
+        self.loras: list = []  # [(lora.LoraAdapter, strength)], applied beside the linears (lumina_core/lora.py)
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +124,46 @@ class LuminaPipeline:
             self.movqgan.to(device)
         return self
 
+    # --- LoRA adapters ---------------------------------------------------------------------
+    def load_lora(self, path: str | Path, strength: float = 1.0) -> "LuminaPipeline":
+        """Add a peft-format LoRA (adapter folder or its .safetensors) at `strength`; adapters stack; returns self."""
+        from .lora import check_adapter, check_strength, load_adapter
+
+        adapter = load_adapter(path)
+        check_adapter(adapter, self.transformer)
+        self.loras = [*self.loras, (adapter, check_strength(strength))]
+        self.apply_loras()
+        return self
+
+    def with_lora(self, adapter, strength: float) -> "LuminaPipeline":
+        """A new pipeline over the same weights whose stack adds `adapter` (a lora.LoraAdapter); self is unchanged."""
+        import copy
+
+        from .lora import check_adapter, check_strength
+
+        check_adapter(adapter, self.transformer)
+        clone = copy.copy(self)
+        clone.loras = [*self.loras, (adapter, check_strength(strength))]
+        return clone
+
+    def unload_loras(self) -> None:
+        """Remove every adapter: the base linears are back."""
+        self.loras = []
+        self.apply_loras()
+
+    def apply_loras(self) -> None:
+        """Make the (possibly shared) transformer carry exactly this pipeline's adapters.
+
+        A change drops captured CUDA graphs (they read the old modules' tensors); torch.compile
+        re-traces on its own (its guards see the swapped modules).
+        """
+        from .lora import install
+
+        if install(self.transformer, self.loras):
+            reset = getattr(self.step_fn, "reset", None)
+            if reset is not None:
+                reset()
+
     # --- request -> token job ---------------------------------------------------------------
     def prompt_tokens(self, request: Request) -> int:
         """Positions the request's prompt takes before the image (the size rules count them)."""
@@ -163,6 +204,7 @@ class LuminaPipeline:
                  should_cancel: Optional[Callable[[], bool]] = None) -> GeneratedCodes:
         """Sample `sampling.num_images` code grids for `request` in one batch (image i uses seed + i)."""
         sampling = sampling or SamplingConfig()
+        self.apply_loras()
         job = self.prepare(request)
         seeds = sampling.seeds
         with cpu_threads(self.threads):

@@ -4,11 +4,13 @@ from .best_of_n import LuminaMGPT2VerifierBestOfN
 from .composer import LuminaMGPT2DualPanelComposer
 from .decode import LuminaMGPT2VQDecode
 from .loader import LuminaMGPT2Loader
+from .lora import LuminaMGPT2LoRA
 from .sampler import LuminaMGPT2ARSamplerSJD
 from .think_prompt import LuminaMGPT2ThinkPrompt
 
 NODE_CLASS_MAPPINGS = {
     "LuminaMGPT2Loader": LuminaMGPT2Loader,
+    "LuminaMGPT2LoRA": LuminaMGPT2LoRA,
     "LuminaMGPT2ThinkPrompt": LuminaMGPT2ThinkPrompt,
     "LuminaMGPT2DualPanelComposer": LuminaMGPT2DualPanelComposer,
     "LuminaMGPT2ARSamplerSJD": LuminaMGPT2ARSamplerSJD,
@@ -18,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LuminaMGPT2Loader": "Lumina-mGPT 2.0 Loader",
+    "LuminaMGPT2LoRA": "Lumina-mGPT 2.0 LoRA",
     "LuminaMGPT2ThinkPrompt": "Lumina-mGPT 2.0 ThinkPrompt",
     "LuminaMGPT2DualPanelComposer": "Lumina-mGPT 2.0 DualPanelComposer",
     "LuminaMGPT2ARSamplerSJD": "Lumina-mGPT 2.0 ARSampler-SJD",

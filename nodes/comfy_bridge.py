@@ -91,6 +91,57 @@ def local_model_names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
+LORA_SUBFOLDER = "loras"   # models/lumina_mgpt2/loras, beside ComfyUI's own models/loras
+
+
+def lora_files() -> dict[str, Path]:
+    """LoRA .safetensors files by their listed name: ComfyUI's ``loras`` folders, ``<model folder>/loras``,
+    then the adapters shipped with the pack (lumina_core/assets/loras)."""
+    files: dict[str, Path] = {}
+    folder_paths = _import("folder_paths")
+    if folder_paths is not None:
+        for name in folder_paths.get_filename_list("loras"):
+            full = folder_paths.get_full_path("loras", name)
+            if name.endswith(".safetensors") and full:
+                files.setdefault(name, Path(full))
+    from ..lumina_core.lora import BUILTIN_LORA_DIR
+
+    for root in [base / LORA_SUBFOLDER for base in model_dirs()] + [BUILTIN_LORA_DIR]:  # the pack's own last
+        if root.is_dir():
+            for path in sorted(root.rglob("*.safetensors")):
+                files.setdefault(path.relative_to(root).as_posix(), path)
+    return files
+
+
+def lora_names() -> list[str]:
+    """The LoRA node's dropdown."""
+    return sorted(lora_files())
+
+
+def lora_path(name: str) -> Optional[Path]:
+    """The file of a listed LoRA name, or None (names from a workflow are never used as paths)."""
+    return lora_files().get(name)
+
+
+def patch_loras(pipeline: Any, patched: Any) -> Any:
+    """Give `patched` (`pipeline.with_lora(...)`) its own ModelPatcher: a clone of the base's with the
+    adapted linears as object patches, which ComfyUI installs on load and restores when another clone
+    (or the base) loads. Returns the clone; no-op (None) outside ComfyUI, where the pipelines
+    install their own stacks before generating."""
+    from ..lumina_core.lora import lora_modules
+
+    patcher = patcher_of(pipeline)
+    if patcher is None:
+        return None
+    clone = patcher.clone()
+    prefix = "transformer."  # PipelineModules holds the transformer under this name
+    modules = lora_modules(lambda name: clone.get_model_object(prefix + name), patched.loras)
+    for name, module in modules.items():
+        clone.add_object_patch(prefix + name, module)
+    _PATCHERS[patched] = clone
+    return clone
+
+
 def output_dir() -> Optional[Path]:
     """ComfyUI's output folder, or None outside ComfyUI."""
     folder_paths = _import("folder_paths")

@@ -15,7 +15,7 @@ _spec = importlib.util.spec_from_file_location("workflow_tools", HERE / "workflo
 wt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(wt)
 
-NODE_IDS = ["LuminaMGPT2Loader", "LuminaMGPT2ThinkPrompt", "LuminaMGPT2DualPanelComposer",
+NODE_IDS = ["LuminaMGPT2Loader", "LuminaMGPT2LoRA", "LuminaMGPT2ThinkPrompt", "LuminaMGPT2DualPanelComposer",
             "LuminaMGPT2ARSamplerSJD", "LuminaMGPT2VQDecode", "LuminaMGPT2VerifierBestOfN"]
 KNOWN_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "LUMINA_PIPE", "LUMINA_REQUEST", "LUMINA_CODES"}
 

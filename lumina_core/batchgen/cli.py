@@ -76,6 +76,8 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
+    g.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="a peft LoRA adapter (folder or its .safetensors) at a strength (default 1); repeat to stack")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--output", default="outputs", help="folder for the PNGs (created; checked before loading)")
@@ -141,18 +143,24 @@ def _options(args: argparse.Namespace, layout: str, device: str, defaults: ItemD
         names = verifier_names(args.verifier)
         verifiers = {name: get_verifier(name, auto_download=args.download, device=device) for name in names}
     settings = {"model": str(args.model), "dtype": args.dtype, "quant": args.quant, "verifiers": names}
+    if args.lora:
+        from ..lora import lora_labels
+
+        settings["loras"] = lora_labels(args.lora)
     return BatchOptions(layout=layout, defaults=defaults, sampling=sampling, settings=settings, think=think,
                         best_of=args.best_of, verifiers=verifiers, progress=not args.no_progress)
 
 
 def _pipeline_loader(args: argparse.Namespace):
     def load_pipeline(device: str) -> Any:
+        from ..lora import load_lora_args
         from ..pipeline import LuminaPipeline
 
-        return LuminaPipeline.from_pretrained(args.model, dtype=torch_dtype(args.dtype), device=device,
+        pipe = LuminaPipeline.from_pretrained(args.model, dtype=torch_dtype(args.dtype), device=device,
                                               quant=args.quant, compile=args.compile,
                                               cuda_graphs=not args.no_cuda_graphs, auto_download=args.download,
                                               movqgan_path=args.movqgan)
+        return load_lora_args(pipe, args.lora)
 
     return load_pipeline
 

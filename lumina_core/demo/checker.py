@@ -28,6 +28,8 @@ PAIR_MARGIN = 10.0
 CENTER_TOLERANCE = 8.0
 CORNER_LIMIT = 28.0          # corner regions: both coordinates on the named side of 28 / 36
 SQUARE_MIN_FILL = 0.88
+BAR_MIN_ASPECT = 1.8         # a drawn bar is ~2.8 wide per 1 high; the known shapes are ~1
+BAR_MIN_FILL = 0.8
 CIRCLE_MIN_FILL = 0.64
 
 _COLOUR_NAMES = list(COLOURS)
@@ -73,6 +75,13 @@ class FoundShape:
     cy: float
     fill: float
     shape: str
+    aspect: float = 1.0   # bounding box width / height
+
+    def is_shape(self, name: str) -> bool:
+        """Whether the blob shows `name`: a bar (data.NEW_SHAPES) is a filled box at least BAR_MIN_ASPECT wide."""
+        if name == "bar":
+            return self.aspect >= BAR_MIN_ASPECT and self.fill >= BAR_MIN_FILL
+        return self.shape == name
 
 
 def classify_fill(fill: float) -> str:
@@ -89,10 +98,11 @@ def find_shape(labels: np.ndarray, colour: str) -> FoundShape | None:
     if count == 0:
         return None
     ys, xs = np.nonzero(mask)
-    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-    fill = count / box
+    width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    fill = count / (width * height)
     # Pixel centres are at +0.5 in the drawing's coordinates.
-    return FoundShape(count, float(xs.mean() + 0.5), float(ys.mean() + 0.5), float(fill), classify_fill(fill))
+    return FoundShape(count, float(xs.mean() + 0.5), float(ys.mean() + 0.5), float(fill), classify_fill(fill),
+                      float(width / height))
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ def check_image(image: np.ndarray, caption: Caption) -> CheckResult:
         position_ok = _in_relation(found[0], caption.relation, found[1])
     else:
         position_ok = _in_region(found[0], caption.position, image.shape[1])
-    shape_ok = all(f.shape == spec.shape for f, spec in zip(found, caption.shapes))
+    shape_ok = all(f.is_shape(spec.shape) for f, spec in zip(found, caption.shapes))
     return CheckResult(colour=colour_ok, position=position_ok, shape=shape_ok)
 
 

@@ -51,6 +51,11 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "cream": (250, 243, 222),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes the shipped demo never saw (not in SHAPES, so not in all_captions() nor in its training
+# data): for teaching it something new with a LoRA (bench/lora_demo.py). A bar is a flat
+# rectangle, about 2.8 times wider than high.
+NEW_SHAPES = ("bar",)
+BAR_WIDTH, BAR_HEIGHT = 1.4, 0.5   # half-extents as multiples of the drawn size's half
 # Named positions of single shapes: centre of the shape in pixels (x, y) on the 64 x 64 image.
 POSITIONS: dict[str, tuple[int, int]] = {
     "in the center": (32, 32),
@@ -125,8 +130,8 @@ class Caption:
 def _check_shape(spec: ShapeSpec) -> None:
     if spec.colour not in COLOURS:
         raise ValueError(f"unknown colour {spec.colour!r}; allowed: {list(COLOURS)}")
-    if spec.shape not in SHAPES:
-        raise ValueError(f"unknown shape {spec.shape!r}; allowed: {list(SHAPES)}")
+    if spec.shape not in SHAPES + NEW_SHAPES:
+        raise ValueError(f"unknown shape {spec.shape!r}; allowed: {list(SHAPES + NEW_SHAPES)}")
 
 
 _SHAPE_RE = r"an? (\w+) (\w+)"
@@ -154,6 +159,18 @@ def all_captions() -> list[Caption]:
     singles = [Caption(spec, position=p) for spec in specs for p in POSITIONS]
     pairs = [Caption(a, relation=r, second=b) for a in specs for r in RELATIONS for b in specs
              if a.colour != b.colour]
+    return singles + pairs
+
+
+def new_shape_captions(shape: str) -> list[Caption]:
+    """Every caption naming a NEW_SHAPES shape: singles (colour x position), then pairs with a known shape."""
+    if shape not in NEW_SHAPES:
+        raise ValueError(f"{shape!r} is not one of the new shapes {list(NEW_SHAPES)}")
+    news = [ShapeSpec(c, shape) for c in COLOURS]
+    olds = [ShapeSpec(c, s) for c in COLOURS for s in SHAPES]
+    singles = [Caption(spec, position=p) for spec in news for p in POSITIONS]
+    pairs = [Caption(a, relation=r, second=b) for a in news for r in RELATIONS for b in olds if a.colour != b.colour]
+    pairs += [Caption(b, relation=r, second=a) for a in news for r in RELATIONS for b in olds if a.colour != b.colour]
     return singles + pairs
 
 
@@ -188,6 +205,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, placed: PlacedShape, scale: int) -> N
         draw.ellipse([x - half, y - half, x + half, y + half], fill=colour)
     elif placed.spec.shape == "square":
         draw.rectangle([x - half, y - half, x + half, y + half], fill=colour)
+    elif placed.spec.shape == "bar":
+        draw.rectangle([x - BAR_WIDTH * half, y - BAR_HEIGHT * half, x + BAR_WIDTH * half, y + BAR_HEIGHT * half],
+                       fill=colour)
     else:  # upward isosceles triangle filling its bounding square
         draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=colour)
 

@@ -47,6 +47,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--movqgan", default=None, help="also copy this MoVQGAN .ckpt into the folder (self-contained)")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA runs: write the base with the adapter merged in (official format) instead of the "
+                        "peft adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", default=None, help="LoRA --merge: the base folder (default: the run's --init-from)")
 
 
 def _add_vq(sub: argparse._SubParsersAction) -> None:
@@ -113,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .export import export_official
 
+        from .lora import export_lora
+
         dtype = getattr(torch, args.dtype)
+        out = export_lora(args.checkpoint, args.out, merge=args.merge, base=args.base, dtype=dtype)
+        if out is not None:  # a LoRA run: its peft adapter, or the merged model
+            print(f"export: wrote {out}")
+            return 0
         out = export_official(args.checkpoint, args.out, tokenizer_dir=builtin_or_path(args.tokenizer), dtype=dtype,
                               max_shard_bytes=int(args.max_shard_gb * 1e9), movqgan=movqgan_file(args.movqgan))
         print(f"export: wrote {out}")

@@ -87,6 +87,10 @@ def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict of the transformer inside the training wrapper, official names."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from .lora import adapter_state, is_lora_module
+
+    if is_lora_module(module):  # LoRA: only the adapters (MBs); the base is the run's --init-from
+        return adapter_state(module)
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k.removeprefix(MODEL_PREFIX): v for k, v in sd.items()}
 
@@ -99,6 +103,10 @@ def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor], inf
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from .lora import is_lora_module, load_adapter_state
+
+    if is_lora_module(module):
+        return load_adapter_state(module, state, info)
     if info.distributed and not info.is_main:
         state = {}
     result = set_model_state_dict(module, {MODEL_PREFIX + k: v for k, v in state.items()},
@@ -350,7 +358,9 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
     root = checkpoint_root(out_dir)
     name = f"step_{state['step']:07d}"
     final = root / name
-    sharded = info.distributed
+    from .lora import is_lora_module
+
+    sharded = info.distributed and not is_lora_module(module)  # LoRA: every rank holds the same small adapter
     tmp = None
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from ..dist import RankInfo, barrier
 from .distributed import all_reduce_mean, any_rank, shard_model
 from .files import writing
 from .options import FitOptions
+from .lora import average_adapter_gradients, build_lora_training_module
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "log.jsonl"
@@ -136,6 +137,8 @@ def model_config(opts: FitOptions) -> ModelConfig:
 
 def build_training_module(cfg: ModelConfig, opts: FitOptions, info: RankInfo, initial: bool) -> TrainingModule:
     """Build on the meta device, shard with FSDP2 when distributed, materialise, load the starting weights."""
+    if opts.lora_rank is not None:  # frozen base + adapters; a full replica per rank (train/lora.py)
+        return build_lora_training_module(cfg, opts, info.device)
     with torch.device("meta"):
         transformer = build_transformer(cfg)
     transformer.gradient_checkpointing = opts.grad_checkpointing
@@ -271,6 +274,8 @@ def fit(opts: FitOptions) -> FitResult:
                 (loss / len(micro)).backward()
                 loss_sum += torch.stack((loss.detach().float(), parts["ce"].float(), parts["z"].float()))
                 seen_tokens += int(sum(min(len(s[0]), opts.max_seq_len) for s in samples))
+            if opts.lora_rank is not None:
+                average_adapter_gradients(module, info)  # data parallel LoRA (no FSDP)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), opts.clip_grad)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()

@@ -58,6 +58,15 @@ class FitOptions:
     resume: str = _opt("auto", "auto (newest intact checkpoint in --out), never, or a checkpoint folder")
     device: str | None = _opt(None, "cpu, cuda (default: cuda when available)")
     stop_after: int | None = _opt(None, "leave after this many steps of this invocation")
+    # LoRA (train/lora.py): adapters on the frozen --init-from model through peft.
+    lora_rank: int | None = _opt(None, "train a LoRA of this rank on the frozen --init-from model (checkpoints: "
+                                       "adapter only)", flag="--lora", metavar="RANK")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, a scale of 1)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input (peft lora_dropout)")
+    lora_targets: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                             "comma-separated projections that get adapters (default: every attention and MLP one)")
+    base_quant: str | None = _opt(None, "LoRA: keep the frozen base torchao-quantized (weight-only)",
+                                  choices=("int8", "int4"))
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "accum", "max_seq_len", "save_every", "log_every", "loss_chunk", "sample_size"):
@@ -83,6 +92,16 @@ class FitOptions:
             raise InputError(f"--steps must be >= 1 and --epochs > 0, got {self.steps} and {self.epochs}")
         if self.stop_after is not None and self.stop_after < 1:
             raise InputError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.lora_rank is not None or self.base_quant is not None:
+            from .lora import check_lora_options
+
+            check_lora_options(self.lora_rank if self.lora_rank is not None else 0, self.lora_alpha, self.lora_dropout,
+                               self.targets, self.base_quant, self.init_from)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The LoRA target projections, parsed from --lora-targets."""
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def dtype(self) -> torch.dtype:
