@@ -1,6 +1,6 @@
 """Teach the embedded demo a shape it has never seen with a rank-8 LoRA (CPU, at most 10 minutes of training).
 
-    nice python bench/lora_demo.py --out /tmp/lora_demo [--fit-seconds 600] [--json bench/lora_demo.json]
+    python bench/lora_demo.py --out /tmp/lora_demo [--fit-seconds 600] [--json bench/lora_demo.json]   # training under nice
 
 The new shape is a "bar" (lumina_core.demo.data.NEW_SHAPES: a flat rectangle). The demo's
 tokenizer is word-level and was built from the demo's own words, so "bar" reads as `<unk>`, an id
@@ -43,6 +43,7 @@ from lumina_core.sampling import SamplingConfig  # noqa: E402
 DEMO = REPO / "lumina_core" / "assets" / "demo"
 NEW_SHAPE = "bar"
 HELD_OUT_SINGLES, HELD_OUT_PAIRS = 8, 30
+EVAL_PAIRS, EVAL_OLD = 6, 12   # captions scored (a fixed subset: the 2-core machine is shared by 8 jobs)
 SPLIT_SEED = 7
 
 
@@ -106,14 +107,15 @@ def evaluate_all(pipe: LuminaPipeline, per_caption: int, with_old: bool = True) 
     """Held-out bar singles and pairs, and (optionally) the demo's own held-out captions."""
     _, held_singles, held_pairs = concept_split()
     out = {"bar_singles": evaluate(pipe, held_singles, per_caption, seed=11),
-           "bar_pairs": evaluate(pipe, held_pairs, per_caption, seed=12)}
+           "bar_pairs": evaluate(pipe, held_pairs[:EVAL_PAIRS], per_caption, seed=12)}
     if with_old:
-        out["old_held_out"] = evaluate(pipe, data.split_captions()[1], per_caption, seed=0)
+        old = data.split_captions()[1]
+        out["old_held_out"] = evaluate(pipe, random.Random(0).sample(old, EVAL_OLD), per_caption, seed=0)
     return out
 
 
 def run_fit(prep: Path, run: Path, args: argparse.Namespace) -> dict:
-    """`train fit --lora 8` in a child process (it inherits the bench's nice); SIGTERM at the time limit (it saves first)."""
+    """`train fit --lora 8` in a child process under nice; SIGTERM at the time limit (it saves first)."""
     cmd = [sys.executable, "-m", "lumina_core.train", "fit", "--data", str(prep), "--out", str(run),
            "--init-from", str(DEMO), "--lora", str(args.rank), "--lora-alpha", str(2 * args.rank),
            "--steps", str(args.steps), "--micro-batch", str(args.batch), "--lr", str(args.lr),
@@ -122,7 +124,7 @@ def run_fit(prep: Path, run: Path, args: argparse.Namespace) -> dict:
            "--log-every", "10", "--seed", "0", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(["nice", "-n", "10", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         output = proc.communicate(timeout=args.fit_seconds)[0]
@@ -158,9 +160,7 @@ def main() -> int:
 
     tokenizer = load_text_tokenizer(DEMO)
     ids = tokenizer(f"a red {NEW_SHAPE} in the center")["input_ids"]
-    report: dict = {"new_shape": NEW_SHAPE, "tokenised_as": tokenizer.convert_ids_to_tokens(ids),
-                    "vq_reconstructs_bars": vq_check()}
-    print(json.dumps(report), flush=True)
+    report: dict = {"new_shape": NEW_SHAPE, "tokenised_as": tokenizer.convert_ids_to_tokens(ids)}
 
     prep = out / "prep"
     if not (prep / "index.json").is_file():
@@ -177,10 +177,12 @@ def main() -> int:
         saved_file.write_text(json.dumps(saved, indent=1))
         print(json.dumps({key: value}), flush=True)
 
-    base = LuminaPipeline.from_pretrained(str(DEMO), device="cpu")
-    keep("before", saved.get("before") or evaluate_all(base, args.per_caption))
+    keep("vq_reconstructs_bars", saved.get("vq_reconstructs_bars") or vq_check())
+    # Training first, alone (its 10 minutes are wall time on a shared machine); the base is scored after.
     run = out / "run"
     keep("fit", saved.get("fit") or run_fit(prep, run, args))
+    base = LuminaPipeline.from_pretrained(str(DEMO), device="cpu")
+    keep("before", saved.get("before") or evaluate_all(base, args.per_caption))
     adapter = out / "adapter"
     subprocess.run([sys.executable, "-m", "lumina_core.train", "export", str(run), "--out", str(adapter)], check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
