@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import KVCache, LuminaTransformer, kv_storage_dtype
+from ..request import cfg_rows
 from . import GenerationCancelled, SamplingConfig
 from .logits import END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
 
@@ -94,7 +95,7 @@ class CFGBatch:
         self.n = num_images
         self.use_cfg = sampling.cfg != 1.0
         self.device = model.device
-        rows = 2 * num_images if self.use_cfg else num_images
+        rows = cfg_rows(num_images, sampling.cfg)  # the one rule, counted by the memory reservations too
         self.prefix_len = len(job.cond_prefix)
         self.max_len = cache_length(job, window)
         # Decode steps feed the prefix's last token (SJD's first window), codes and forced tokens.
