@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import DEFAULTS_FILE as SAMPLING_DEFAULTS  # read by front ends (lumina_core.defaults)
 from ..fileio import atomic_path, atomic_write_text
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 MOVQGAN_NAME = "movqgan_demo.ckpt"
 BUILD_INFO = "build_info.json"
 VQ_REPORT = "vq_report.json"                  # the chosen tokenizer's checks (and every attempt's)
-SAMPLING_DEFAULTS = "sampling_defaults.json"   # read by front ends for sizes/guidance the demo was trained for
 
 
 @dataclass(frozen=True)

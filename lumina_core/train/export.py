@@ -17,6 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..defaults import DEFAULTS_FILE as SAMPLING_DEFAULTS_FILE  # read by the CLI and the nodes
 from ..fileio import atomic_path
 from ..weights import official_order, write_weights
 from .checkpoint import (CHECKPOINTS_DIR, STATE_FILE, checkpoint_problem, checkpoint_tensor_names, choose_resume,
@@ -24,7 +25,6 @@ from .checkpoint import (CHECKPOINTS_DIR, STATE_FILE, checkpoint_problem, checkp
 from .files import copy_file, writing
 
 logger = logging.getLogger(__name__)
-SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"   # read by the CLI and the nodes (model default settings)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
