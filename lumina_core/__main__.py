@@ -1,4 +1,4 @@
-"""Command line: `python -m lumina_core generate --model FOLDER_OR_REPO --prompt "..." [options]`.
+"""Command line: `python -m lumina_core generate --model FOLDER_OR_REPO --prompt "..."`, `... memory --config 7b`.
 
 Each sub-command is one entry of COMMANDS: (help, add its arguments, run it -> exit status). A
 user's mistake (InputError, or a ValueError of a setting) prints `error: ...` and exits 2.
@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from .batchgen.cli import (AUTO_MODEL, OFFICIAL_MODEL, OFFICIAL_SAMPLING, add_generate_arguments,
                            apply_model_defaults, choose_model, generate_command)
+from .memory import MEMORY_HELP, add_memory_arguments, run_memory
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -22,6 +23,7 @@ def _generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "generate": ("generate images and write PNGs (settings in their metadata); defaults come from the model",
                  add_generate_arguments, _generate),
+    "memory": (MEMORY_HELP, add_memory_arguments, run_memory),
 }
 
 

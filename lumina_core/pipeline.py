@@ -1,6 +1,8 @@
 """LuminaPipeline: transformer + MoVQGAN + tokenizer + token layout; request -> codes -> pixels."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +29,16 @@ class GeneratedCodes:
     request: Request
     seeds: list[int]
     stats: dict = field(default_factory=dict)
+
+
+def _merged_stats(parts: list[dict]) -> dict:
+    """Stats of sub-batches as one run: counts and seconds summed, the rest from the first sub-batch."""
+    merged = dict(parts[0])
+    for key, value in parts[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("forward_passes", "seconds", "tokens"):
+            merged[key] = sum(p.get(key, 0) for p in parts)
+    merged["sub_batches"] = len(parts)
+    return merged
 
 
 def default_device() -> torch.device:
@@ -68,6 +80,7 @@ class LuminaPipeline:
         transformer.use_decode_vocabulary(decode_token_ids(layout), layout.image_code_offset, layout.num_image_codes)
         self.defaults = defaults or ModelDefaults.official()  # the model's own sizes and sampling settings
         self.loras: list = []  # [(lora.LoraAdapter, strength)], applied beside the linears (lumina_core/lora.py)
+        self.decode_images_per_batch: Optional[int] = None  # set by a memory plan
 
     @property
     def device(self) -> torch.device:
@@ -201,21 +214,58 @@ class LuminaPipeline:
 
     def generate(self, request: Request, sampling: Optional[SamplingConfig] = None,
                  progress: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-                 should_cancel: Optional[Callable[[], bool]] = None) -> GeneratedCodes:
-        """Sample `sampling.num_images` code grids for `request` in one batch (image i uses seed + i)."""
+                 should_cancel: Optional[Callable[[], bool]] = None, plan=None) -> GeneratedCodes:
+        """Sample `sampling.num_images` code grids for `request` (image i uses seed + i).
+
+        With a memory `plan` (`plan_memory`), its KV storage is used and the images run
+        `plan.images_per_batch` at a time: every image keeps its own seed and random stream, so the
+        codes do not depend on the split.
+        """
+        from .memory import sub_batches, trim_host_heap
+
         sampling = sampling or SamplingConfig()
         self.apply_loras()
         job = self.prepare(request)
-        seeds = sampling.seeds
-        with cpu_threads(self.threads):
-            if sampling.sjd:
-                codes, stats = decode_sjd(self.transformer, job, sampling, seeds, progress, should_cancel,
-                                          step_fn=self.step_fn)
-            else:
-                codes, stats = decode_ar(self.transformer, job, sampling, seeds, progress, should_cancel,
-                                         step_fn=self.step_fn)
+        per_batch = sampling.num_images
+        if plan is not None:
+            per_batch = plan.images_per_batch
+            sampling = dataclasses.replace(sampling, kv_cache=plan.kv_cache)
+            self.decode_images_per_batch = per_batch
+        decoder = decode_sjd if sampling.sjd else decode_ar
+        grids, parts = [], []
+        # Sampling never reads the MoVQGAN: off the compute device meanwhile, its memory is the KV
+        # cache's (previews decode where it is; `decode` brings it back).
+        with self._movqgan_on("cpu"), cpu_threads(self.threads):
+            for start, count in sub_batches(sampling.num_images, per_batch):
+                part = dataclasses.replace(sampling, seed=sampling.seed + start, num_images=count)
+                codes, stats = decoder(self.transformer, job, part, part.seeds, progress, should_cancel,
+                                       step_fn=self.step_fn)
+                grids.append(codes.cpu())
+                parts.append(stats)
+        if self.device.type == "cpu":
+            trim_host_heap()  # the released KV cache, before the decode allocates its maps
+        stats = parts[0] if len(parts) == 1 else _merged_stats(parts)
         stats["prompt_tokens"] = job.prompt_tokens
-        return GeneratedCodes(codes=codes.cpu(), request=request, seeds=seeds, stats=stats)
+        return GeneratedCodes(codes=torch.cat(grids), request=request, seeds=sampling.seeds, stats=stats)
+
+    def plan_memory(self, request: Request, sampling: SamplingConfig, free_bytes: int):
+        """The memory plan of `generate` within `free_bytes` (lumina_core.memory.plan), or MemoryPlanError."""
+        from .memory import plan_for_pipeline
+
+        return plan_for_pipeline(self, request, sampling, free_bytes)
+
+    @contextlib.contextmanager
+    def _movqgan_on(self, device: torch.device | str):
+        """Keep the MoVQGAN on `device` inside the block when the compute device is another one (not on CPU)."""
+        if self.movqgan is None or self.device.type == "cpu":
+            yield
+            return
+        home = self.movqgan.codebook.device
+        self.movqgan.to(device)
+        try:
+            yield
+        finally:
+            self.movqgan.to(home)
 
     @torch.no_grad()
     def decode(self, codes: GeneratedCodes | torch.Tensor) -> torch.Tensor:
@@ -223,5 +273,9 @@ class LuminaPipeline:
         grid = codes.codes if isinstance(codes, GeneratedCodes) else codes
         if self.movqgan is None:
             raise RuntimeError("this pipeline has no MoVQGAN to decode with")
+        device = self.movqgan.codebook.device
+        # A memory plan sized the decode for this many images at a time (a 768x768 decode holds ~6 GiB).
+        chunk = self.decode_images_per_batch or grid.shape[0]
         with cpu_threads(self.threads):
-            return self.movqgan.decode(grid.to(self.device)).clamp(-1, 1)
+            return torch.cat([self.movqgan.decode(grid[i:i + chunk].to(device)).clamp(-1, 1)
+                              for i in range(0, grid.shape[0], chunk)])

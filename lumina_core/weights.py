@@ -166,28 +166,11 @@ def load_transformer(folder: str | Path, dtype: torch.dtype = torch.bfloat16, de
                 from .quant import quantize_module
                 quantize_module(group, quant, device)
                 if device.type == "cpu":
+                    from .memory import trim_host_heap
                     trim_host_heap()
     finally:
         tensors.close()
     return model.eval()
-
-
-def trim_host_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere nothing to do).
-
-    Why: glibc serves the layer-sized buffers of a streaming load from its heap once the first ones
-    are freed (its mmap threshold adapts upwards), and keeps the freed bf16 layers there, interleaved
-    with the quantized ones: without this, an int8 CPU load held about twice the int8 model.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # another C library (musl) has no malloc_trim
-        pass
 
 
 def load_groups(model: LuminaTransformer) -> list[tuple[str, nn.Module, bool]]:

@@ -238,6 +238,26 @@ def load_on_device(pipeline: Any, memory_required: int = 0) -> None:
         pipeline.to(device)
 
 
+def plannable_memory(device: torch.device) -> Optional[int]:
+    """Bytes a generation may plan for on `device`: ComfyUI's total less its inference reserve (other models
+    are evicted for us), else the CUDA card's total; None on the CPU (the host is not planned)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    mm = _import("comfy.model_management")
+    if mm is not None:
+        return int(mm.get_total_memory(device)) - int(mm.minimum_inference_memory())
+    return int(torch.cuda.mem_get_info(device)[1])
+
+
+def streams_layers() -> bool:
+    """True when ComfyUI runs in low-VRAM / no-VRAM mode, i.e. would stream weights from the CPU layer by layer."""
+    mm = _import("comfy.model_management")
+    state = getattr(mm, "vram_state", None) if mm is not None else None
+    states = getattr(mm, "VRAMState", None)
+    return states is not None and state in (states.LOW_VRAM, states.NO_VRAM)
+
+
 def free_cache() -> None:
     """Return cached allocator memory to the device (after a run or a cancel)."""
     mm = _import("comfy.model_management")

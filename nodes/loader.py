@@ -17,7 +17,7 @@ from .common import CATEGORY, PIPE, NodeInputError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTIZATIONS = ("none",) + QUANT_MODES
+QUANTIZATIONS = ("none",) + QUANT_MODES + ("auto",)
 
 
 def model_choices() -> list[str]:
@@ -85,8 +85,10 @@ class LuminaMGPT2Loader:
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bf16 where the device is fast "
                                          "with it, else fp16/fp32 as ComfyUI decides."}),
                 "quantization": (list(QUANTIZATIONS), {"default": "none", "tooltip": "torchao quantization of "
-                                                       "the transformer (int8 / int4 / fp8); the fastest kernel "
-                                                       "for this GPU is picked at load (console log)."}),
+                                                       "the transformer (int8 / int4 / fp8), layer by layer while "
+                                                       "loading; the fastest kernel for this GPU is picked at load "
+                                                       "(console log). auto: the least quantization whose 768x768 "
+                                                       "image fits this card's memory."}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the decode step (slow first "
                                         "run, faster afterwards)."}),
             }
@@ -112,6 +114,12 @@ class LuminaMGPT2Loader:
         compute = bridge.torch_device()
         torch_dtype = DTYPES[dtype] or bridge.auto_dtype(compute)
         quant = None if quantization == "none" else quantization
+        if quant == "auto":
+            from ..lumina_core.config import ModelConfig
+            from ..lumina_core.memory import choose_quant
+
+            quant = choose_quant(bridge.plannable_memory(compute), ModelConfig.from_pretrained(folder),
+                                 dtype=torch_dtype, device=compute.type)
         # Quantized weights are laid out for the device that packs them, so they are built there;
         # plain weights start on the offload device and ComfyUI moves them when a sampler needs them.
         device = compute if quant else bridge.offload_device()

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..lumina_core.model import KV_CACHE_MODES
 from ..lumina_core.sampling import GUIDANCE_MODES
 from . import comfy_bridge as bridge
 from .common import CATEGORY, CODES, MODEL_DEFAULT, PIPE, REQUEST, NodeInputError
@@ -121,14 +122,24 @@ class RowProgress:
         return tensor_to_pil(pixels[0])
 
 
-def kv_cache_bytes(pipe: Any, request: Any, sampling: Any) -> int:
-    """Memory of the sampler's KV cache for ComfyUI to reserve (the request's positions, one row per CFG branch)."""
-    from ..lumina_core.model import KVCache, kv_storage_dtype
-    from ..lumina_core.request import cfg_rows, sequence_positions
+KV_CACHE_TOOLTIP = ("KV cache storage. auto: bf16, or fp8 (e4m3, half the bytes) when the memory plan needs it "
+                    "to fit this card; fp8 always; bf16 never fp8.")
+NO_STREAMING = ("ComfyUI runs in low-VRAM mode, which would stream the 7B's layers from the CPU for every token "
+                "(about 0.5 s per step, 80 minutes per 768x768 image): start ComfyUI without --lowvram/--novram "
+                "and load with quantization int4 (a 12 GiB card runs 768x768)")
 
-    positions = sequence_positions(request.width, request.height, pipe.prompt_tokens(request)) + sampling.sjd_window
-    return KVCache.nbytes_for(pipe.config, cfg_rows(sampling.num_images, sampling.cfg), positions,
-                              kv_storage_dtype(sampling.kv_cache, pipe.dtype))
+
+def memory_plan(pipe: Any, request: Any, sampling: Any) -> Any:
+    """The memory plan on the compute device (MemoryPlanError -> node error with the options), or an estimate."""
+    from ..lumina_core.memory import MemoryPlanError, estimate_for_pipeline
+
+    budget = bridge.plannable_memory(bridge.torch_device())
+    if budget is None:
+        return estimate_for_pipeline(pipe, request, sampling, kv_cache=sampling.kv_cache)
+    try:
+        return pipe.plan_memory(request, sampling, budget)
+    except MemoryPlanError as exc:
+        raise NodeInputError(str(exc)) from None
 
 
 def resolved_sampling(pipe: Any, cfg: float, top_k: int, guidance: str) -> dict:
@@ -178,12 +189,14 @@ class LuminaMGPT2ARSamplerSJD:
             "optional": {
                 "guidance": ([MODEL_DEFAULT, *GUIDANCE_MODES], {"default": MODEL_DEFAULT,
                                                                 "tooltip": GUIDANCE_TOOLTIP}),
+                "kv_cache": (list(KV_CACHE_MODES), {"default": "auto", "tooltip": KV_CACHE_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, pipe: Any, request: Any, seed: int, cfg: float, top_k: int, temperature: float, sjd: bool,
-               sjd_window: int, batch_size: int, guidance: str = MODEL_DEFAULT, unique_id: Optional[str] = None,
+               sjd_window: int, batch_size: int, guidance: str = MODEL_DEFAULT, kv_cache: str = "auto",
+               unique_id: Optional[str] = None,
                previews: bool = True) -> dict:
         """Run the pipeline's generate under ComfyUI's memory manager, progress bar and cancel button."""
         from ..lumina_core.sampling import GenerationCancelled, SamplingConfig
@@ -195,7 +208,8 @@ class LuminaMGPT2ARSamplerSJD:
         settings = resolved_sampling(pipe, float(cfg), int(top_k), guidance)
         try:
             sampling = SamplingConfig(**settings, temperature=float(temperature), sjd=bool(sjd),
-                                      sjd_window=int(sjd_window), seed=int(seed), num_images=int(batch_size))
+                                      sjd_window=int(sjd_window), seed=int(seed), num_images=int(batch_size),
+                                      kv_cache=kv_cache)
         except ValueError as exc:
             raise NodeInputError(f"{exc} (0 = the model's default)") from None
         shown = [f"{request.task} {request.width}x{request.height}, cfg {sampling.cfg:g} ({sampling.guidance} "
@@ -205,12 +219,16 @@ class LuminaMGPT2ARSamplerSJD:
         if warning:
             logger.warning("Lumina-mGPT 2.0: %s", warning)
             shown.append(warning)
-        bridge.load_on_device(pipe, memory_required=kv_cache_bytes(pipe, request, sampling))
+        if bridge.streams_layers():
+            raise NodeInputError(NO_STREAMING)
+        plan = memory_plan(pipe, request, sampling)  # before anything moves: a refusal costs nothing
+        # ComfyUI counts the pipeline's weights itself; reserve what the run adds (KV cache, activations, decode).
+        bridge.load_on_device(pipe, memory_required=plan.peak_bytes - plan.weights_bytes)
         rows = request.height // 8
         progress = RowProgress(pipe, rows, node_id=unique_id, previews=previews)
         started = time.perf_counter()
         try:
-            codes = pipe.generate(request, sampling, progress=progress, should_cancel=bridge.interrupted)
+            codes = pipe.generate(request, sampling, progress=progress, should_cancel=bridge.interrupted, plan=plan)
         except GenerationCancelled:
             bridge.free_cache()
             bridge.raise_interrupted()

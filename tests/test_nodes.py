@@ -77,7 +77,9 @@ def test_sampler_guidance_is_the_last_widget_and_optional(nodes):
     info = wt.node_info("LuminaMGPT2ARSamplerSJD", nodes["LuminaMGPT2ARSamplerSJD"])
     # Last, so widgets_values of workflows saved before it still line up; optional, so their API
     # prompts (without it) still pass ComfyUI's validation.
-    assert wt.widget_slots(info)[-1] == ("guidance", "value")
+    # kv_cache came after it, for the same reason.
+    assert wt.widget_slots(info)[-2:] == [("guidance", "value"), ("kv_cache", "value")]
+    assert info["input"]["optional"]["kv_cache"][0] == ["auto", "bf16", "fp8"]
     kind, options = info["input"]["optional"]["guidance"]
     assert kind == ["model default", "official", "constant"] and options["default"] == "model default"
     assert "4.0" in options["tooltip"] and "constant" in options["tooltip"]
@@ -570,3 +572,31 @@ def test_pyproject_registry_block_has_an_icon_and_no_invented_urls():
     # Only the upstream model's real addresses (the pack's own repository is not published yet).
     assert all(u.split("/")[2] in ("github.com", "huggingface.co", "raw.githubusercontent.com") and
                "Alpha-VLLM/Lumina-mGPT-2.0" in u for u in urls), urls
+def test_sampler_refuses_layer_streaming_and_a_plan_that_cannot_fit(pack, tiny_pipe, monkeypatch):
+    """Issue 12 items 4-5: node errors before sampling starts (ComfyUI's low-VRAM mode; too little memory)."""
+    bridge = sys.modules[f"{wt.PACK_MODULE}.nodes.comfy_bridge"]
+    common = sys.modules[f"{wt.PACK_MODULE}.nodes.common"]
+    request, _ = node(pack, "LuminaMGPT2DualPanelComposer").compose("t2i", 64, 32, "a red fox", "official")["result"]
+    sampler = node(pack, "LuminaMGPT2ARSamplerSJD")
+    args = (tiny_pipe, request, 0, 2.0, 8, 1.0, False, 16, 2, "constant")
+    monkeypatch.setattr(bridge, "streams_layers", lambda: True)
+    with pytest.raises(common.NodeInputError, match="low-VRAM mode.*80 minutes"):
+        sampler.sample(*args, kv_cache="auto")
+    monkeypatch.setattr(bridge, "streams_layers", lambda: False)
+    monkeypatch.setattr(bridge, "plannable_memory", lambda device: 1000)
+    with pytest.raises(common.NodeInputError, match=r"64x32 x2 .* needs .* GiB, 0\.0 GiB free"):
+        sampler.sample(*args, kv_cache="fp8")
+    monkeypatch.setattr(bridge, "plannable_memory", lambda device: 8 * 2**30)
+    codes = sampler.sample(*args, kv_cache="fp8")[0]
+    assert codes.codes.shape[0] == 2
+
+
+def test_loader_quantization_auto_picks_by_memory(pack, tiny_models, monkeypatch):
+    from lumina_core.config import ModelConfig
+    from lumina_core.memory import GIB, choose_quant
+
+    assert "auto" in node(pack, "LuminaMGPT2Loader").INPUT_TYPES()["required"]["quantization"][0]
+    pipe, = node(pack, "LuminaMGPT2Loader").load("tiny", False, "auto", "auto", False)
+    assert pipe.quant is None  # on the CPU nothing is planned
+    seven = ModelConfig.preset("7b")
+    assert [choose_quant(g * GIB, seven) for g in (80, 16, 12)] == [None, "int8", "int4"]

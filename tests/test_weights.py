@@ -149,12 +149,12 @@ def test_streaming_int8_load_matches_quantizing_after(tmp_path):
 
 
 STREAM_CHILD = """
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from lumina_core.testing.rss import anon_rss_bytes
 from lumina_core.weights import load_transformer
 from lumina_core.quant import quantize_module, weight_bytes
-from lumina_core.weights import trim_host_heap
+from lumina_core.memory import trim_host_heap
 # Libraries loaded and torchao's first call made before the baseline: they are not the load's memory.
 quantize_module(torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)).to(torch.bfloat16), "int8")
 trim_host_heap()
@@ -162,6 +162,8 @@ folder, quant = FOLDER, QUANT
 before = anon_rss_bytes()
 model = load_transformer(folder, dtype=torch.bfloat16, quant=None if quant == "none" else quant)
 print(json.dumps({"before": before, "weights": weight_bytes(model)}))
+sys.stdout.flush()
+os._exit(0)  # the measurement ends here: interpreter teardown is not the run's memory
 """
 
 

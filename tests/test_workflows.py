@@ -170,9 +170,10 @@ def test_sampler_workflows_saved_before_guidance_still_line_up(info):
     """A sampler saved without the guidance widget keeps its other values in place and queues without it."""
     workflow = load(wt.REPO / "workflows" / wt.workflow_name("t2i"))
     sampler = next(n for n in workflow["nodes"] if n["type"] == "LuminaMGPT2ARSamplerSJD")
-    assert sampler["widgets_values"][-1] == "model default"
+    assert sampler["widgets_values"][-2:] == ["model default", "auto"]  # guidance, then kv_cache (added later)
     current = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]
-    sampler["widgets_values"] = sampler["widgets_values"][:-1]  # the old file: one value fewer
+    sampler["widgets_values"] = sampler["widgets_values"][:-2]  # the old file: without both
     old = wt.ui_to_api(workflow, info)[str(sampler["id"])]["inputs"]
-    assert "guidance" not in old and old == {k: v for k, v in current.items() if k != "guidance"}
+    later = ("guidance", "kv_cache")
+    assert not set(later) & set(old) and old == {k: v for k, v in current.items() if k not in later}
     assert "guidance" not in info["LuminaMGPT2ARSamplerSJD"]["input"]["required"]  # optional: no validation error

@@ -80,6 +80,9 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
                    help="a peft LoRA adapter (folder or its .safetensors) at a strength (default 1); repeat to stack")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="plan each generation within this many GiB (kv_cache auto may take fp8, images run in "
+                        "sub-batches); refused with the options that fit when nothing does")
     g.add_argument("--output", default="outputs", help="folder for the PNGs (created; checked before loading)")
     g.add_argument("--overwrite", action="store_true", help="--prompt: replace PNGs of the same task and seed")
     g.add_argument("--prompts", default=None,
@@ -148,7 +151,8 @@ def _options(args: argparse.Namespace, layout: str, device: str, defaults: ItemD
 
         settings["loras"] = lora_labels(args.lora)
     return BatchOptions(layout=layout, defaults=defaults, sampling=sampling, settings=settings, think=think,
-                        best_of=args.best_of, verifiers=verifiers, progress=not args.no_progress)
+                        best_of=args.best_of, verifiers=verifiers, progress=not args.no_progress,
+                        memory_budget=args.memory_budget)
 
 
 def _pipeline_loader(args: argparse.Namespace):

@@ -117,6 +117,7 @@ class BatchOptions:
     best_of: int = 1                      # candidates per kept image, ranked by ``verifiers``
     verifiers: Optional[Mapping[str, Any]] = None   # name -> lumina_core.verify.Verifier (weights load on first use)
     progress: bool = True
+    memory_budget: Optional[float] = None  # GiB: each generation runs lumina_core.memory's plan within it
 
     def run_settings(self) -> dict:
         """Everything besides the item that decides its images (recorded in and fingerprinting each line)."""
@@ -188,7 +189,10 @@ def generate_item(pipeline: Any, item: BatchItem, options: BatchOptions,
         facts["scores"] = {name: [float(values[n]) for n in keep] for name, values in chosen.scores.items()}
         seeds = [candidate_seeds[n] for n in keep]
     else:
-        generated = pipeline.generate(request, sampling, progress=progress)
+        plan = None
+        if options.memory_budget is not None:
+            plan = pipeline.plan_memory(request, sampling, int(options.memory_budget * 2**30))
+        generated = pipeline.generate(request, sampling, progress=progress, plan=plan)
         decoded = pipeline.decode(generated)
         images = [tensor_to_pil(decoded[n]) for n in range(decoded.shape[0])]
         seeds = [int(s) for s in generated.seeds] if generated.seeds is not None else []

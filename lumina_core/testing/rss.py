@@ -38,10 +38,11 @@ class ChildPeak:
     stderr: str
 
 
-def run_child(code: str, env: dict | None = None, poll_s: float = 0.0005, cwd: str | None = None) -> ChildPeak:
-    """Run `python -c code` and poll its anonymous RSS until it exits; its last stdout line must be JSON."""
+def run_child(code: str, args: tuple = (), env: dict | None = None, poll_s: float = 0.0005,
+              cwd: str | None = None) -> ChildPeak:
+    """Run `python -c code args...` and poll its anonymous RSS until it exits; its last stdout line must be JSON."""
     child_env = dict(os.environ, **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=child_env, cwd=cwd)
     peak = 0
     while proc.poll() is None:
