@@ -587,7 +587,7 @@ def test_sampler_refuses_layer_streaming_and_a_plan_that_cannot_fit(pack, tiny_p
     with pytest.raises(common.NodeInputError, match=r"64x32 x2 .* needs .* GiB, 0\.0 GiB free"):
         sampler.sample(*args, kv_cache="fp8")
     monkeypatch.setattr(bridge, "plannable_memory", lambda device: 8 * 2**30)
-    codes = sampler.sample(*args, kv_cache="fp8")[0]
+    codes = sampler.sample(*args, kv_cache="fp8")["result"][0]
     assert codes.codes.shape[0] == 2
 
 
