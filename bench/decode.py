@@ -26,7 +26,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lumina_core.config import ModelConfig  # noqa: E402
-from lumina_core.model import KVCache, build_transformer  # noqa: E402
+from lumina_core.model import build_transformer  # noqa: E402
+from lumina_core.kv_cache import KVCache
 from lumina_core.sampling import SamplingConfig  # noqa: E402
 from lumina_core.sampling.ar import decode_ar  # noqa: E402
 from lumina_core.sampling.state import CFGBatch, DecodeJob  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lumina_core.demo import checker, data  # noqa: E402
 from lumina_core.images import tensor_to_uint8, unit_to_uint8  # noqa: E402
-from lumina_core.model import KV_CACHE_MODES  # noqa: E402
+from lumina_core.kv_cache import KV_CACHE_MODES  # noqa: E402
 from lumina_core.pipeline import LuminaPipeline  # noqa: E402
 from lumina_core.request import Request  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402

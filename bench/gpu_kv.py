@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lumina_core.config import ModelConfig  # noqa: E402
-from lumina_core.model import FP8_KV_DTYPE, KVCache, fused_fp8_attention  # noqa: E402
+from lumina_core.kv_cache import FP8_KV_DTYPE, KVCache, fused_fp8_attention  # noqa: E402
 from lumina_core.sampling import SamplingConfig  # noqa: E402
 from lumina_core.sampling.state import CFGBatch  # noqa: E402
 from lumina_core.sampling.step import CUDAGraphStep, compile_step  # noqa: E402

@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lumina_core.model import FP8_KV_DTYPE, KVCache, LuminaTransformer  # noqa: E402
+from lumina_core.model import LuminaTransformer  # noqa: E402
+
+from lumina_core.kv_cache import FP8_KV_DTYPE, KVCache
 from lumina_core.weights import load_transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ _PUBLIC = {
     "ModelConfig": "config",
     "build_transformer": "model",
     "load_transformer": "weights",
-    "KVCache": "model",
+    "KVCache": "kv_cache",
     "load_movqgan": "movqgan",
     "save_movqgan": "movqgan",
     "MoVQGAN": "movqgan",

@@ -25,7 +25,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import InputError
-from .model import KVCache
+from .kv_cache import KVCache
 from .request import Request
 from .sampling import SamplingConfig
 
@@ -145,7 +145,7 @@ def window_of(sampling: SamplingConfig) -> int:
 
 def kv_storage(kv_cache: str, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's storage dtype for a `kv_cache` setting, as the sampler resolves it."""
-    from .model import kv_storage_dtype
+    from .kv_cache import kv_storage_dtype
 
     return kv_storage_dtype(kv_cache, dtype)
 
@@ -273,7 +273,7 @@ def estimate(config: ModelConfig, request: Request, sampling: SamplingConfig, qu
 
 def _kv_options(kv_cache: str) -> tuple[str, ...]:
     """KV settings a plan may pick: "auto" tries the activation dtype, then fp8 (where torch has it)."""
-    from .model import FP8_KV_DTYPE, KV_CACHE_MODES
+    from .kv_cache import FP8_KV_DTYPE, KV_CACHE_MODES
 
     if kv_cache not in KV_CACHE_MODES:
         raise InputError(f"unknown kv_cache {kv_cache!r}; allowed: {', '.join(KV_CACHE_MODES)}")

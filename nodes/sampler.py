@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..lumina_core.model import KV_CACHE_MODES
+from ..lumina_core.kv_cache import KV_CACHE_MODES
 from ..lumina_core.sampling import GUIDANCE_MODES
 from . import comfy_bridge as bridge
 from .common import CATEGORY, CODES, MODEL_DEFAULT, PIPE, REQUEST, NodeInputError

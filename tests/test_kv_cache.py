@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumina_core import model as model_module
+from lumina_core import kv_cache as kv_cache_module
 from lumina_core.config import ModelConfig
 from lumina_core.errors import InputError
-from lumina_core.model import FP8_KV_DTYPE, KVCache, fused_fp8_attention, kv_storage_dtype, quantize_fp8
+from lumina_core.kv_cache import FP8_KV_DTYPE, KVCache, fused_fp8_attention, kv_storage_dtype, quantize_fp8
 from lumina_core.sampling import SamplingConfig
 from lumina_core.sampling.ar import decode_ar
 from lumina_core.sampling.sjd import decode_sjd
@@ -54,7 +54,7 @@ def test_auto_is_the_activation_dtype_unless_a_plan_chose():
 
 
 def test_fp8_on_a_torch_without_float8(monkeypatch, caplog):
-    monkeypatch.setattr(model_module, "FP8_KV_DTYPE", None)
+    monkeypatch.setattr(kv_cache_module, "FP8_KV_DTYPE", None)
     with pytest.raises(InputError, match=r"kv_cache='fp8' needs a torch with float8 dtypes .* use kv_cache='bf16' or 'auto'"):
         kv_storage_dtype("fp8", torch.bfloat16)
     with caplog.at_level("WARNING"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model import KV_CACHE_MODES
+from ..kv_cache import KV_CACHE_MODES
 
 GUIDANCE_MODES = ("official", "constant")
 
@@ -22,7 +22,7 @@ class SamplingConfig:
     never sampled, so no text top-k exists).
     Image i of a call uses seed `seed + i`. `kv_cache` is the KV cache's storage: "bf16", "fp8"
     (e4m3, half the bytes) or "auto" (the activation dtype unless a memory plan chose fp8;
-    `lumina_core.model.kv_storage_dtype` resolves it).
+    `lumina_core.kv_cache.kv_storage_dtype` resolves it).
     """
 
     # metadata["help"]: the command line's help (lumina_core.cli_options builds the options from these fields).
