@@ -1,6 +1,7 @@
 """Verifiers on tiny random models in the real formats, loaded through the production loaders; ranking; best-of-N."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from lumina_core.verify import (BestOfN, DemoCheckVerifier, average_ranks, best_of_n, get_verifier,
                                 load_aesthetic_head, rank, to_pil_images, weight_memory, zscores)
+from lumina_core.verify.base import load_pil_image_processor
 from lumina_core.testing.verifiers import make_tiny_aesthetic_head, make_tiny_clip, make_tiny_qwen_vl
 
 
@@ -58,15 +60,25 @@ def test_scores_shape_deterministic_and_lazy(name, tiny):
     assert torch.allclose(verifier.to("cpu").score(batch, "a red cube"), first, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["pickscore", "aesthetic", "qwen2.5-vl"])
+def test_weights_load_in_the_asked_dtype(tiny, name):
+    # from_pretrained's dtype keyword is `torch_dtype` before transformers 4.56: a wrong name would
+    # silently load float32.
+    verifier = build(name, tiny, dtype=torch.bfloat16).load()
+    model = verifier._modules()[0]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert verifier.score(images(1), "a red cube").isfinite().all()
+
+
 def test_clip_scores_match_clipmodel_outputs(tiny):
     from transformers import AutoTokenizer, CLIPModel
-    from transformers.models.clip import CLIPImageProcessorPil
 
     batch = images(4)
     model = CLIPModel.from_pretrained(tiny["clip"]).eval()
     text = AutoTokenizer.from_pretrained(tiny["clip"])(["a red cube"], padding="max_length", max_length=77,
                                                           return_tensors="pt")
-    pixels = CLIPImageProcessorPil.from_pretrained(tiny["clip"])(images=to_pil_images(batch), return_tensors="pt")
+    processor = load_pil_image_processor(tiny["clip"])
+    pixels = processor(images=to_pil_images(batch), return_tensors="pt")
     with torch.no_grad():
         out = model(**text, **pixels)
     pick = build("pickscore", tiny).score(batch, "a red cube")
@@ -89,7 +101,7 @@ def test_clip_prompt_longer_than_77_tokens_is_cut(tiny):
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl"])
 def test_vqascore_is_p_yes_and_batching_does_not_change_it(family, tiny):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     folder = tiny[family]
     # different sizes: different vision token counts, so the batch is left-padded
@@ -103,7 +115,7 @@ def test_vqascore_is_p_yes_and_batching_does_not_change_it(family, tiny):
     # Independent reference: expand the image placeholder in the text as the HF processor does,
     # then read P("Yes") from the first generated position of model.generate.
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    processor = load_pil_image_processor(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     question = 'Does this figure show "a red cube"? Please answer yes or no.'
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -113,10 +125,12 @@ def test_vqascore_is_p_yes_and_batching_does_not_change_it(family, tiny):
     ids = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt",
                     add_special_tokens=False)["input_ids"]
     image_id = model.config.image_token_id
+    extra = ({"mm_token_type_ids": (ids == image_id).int()}  # transformers >= 5 builds its rope positions from it
+             if "mm_token_type_ids" in inspect.signature(model.forward).parameters else {})
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=vision["pixel_values"],
-                             image_grid_thw=vision["image_grid_thw"], mm_token_type_ids=(ids == image_id).int(),
-                             max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+                             image_grid_thw=vision["image_grid_thw"], max_new_tokens=1, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **extra)
     yes = tokenizer.convert_tokens_to_ids("Yes")
     expected = torch.softmax(out.scores[0][0].float(), dim=-1)[yes]
     assert torch.allclose(batched[1], expected, atol=1e-5)

@@ -45,7 +45,11 @@ def _clip_tokenizer(folder: str):
 def make_tiny_clip(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
     """Save a random tiny CLIPModel with its tokenizer and PIL image processor into folder."""
     from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip import CLIPImageProcessorPil
+
+    try:  # transformers >= 5.10 names the PIL backend's class apart; before, the plain class is the PIL one
+        from transformers.models.clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     os.makedirs(folder, exist_ok=True)
     tokenizer, vocab_size = _clip_tokenizer(folder)
@@ -61,7 +65,7 @@ def make_tiny_clip(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 
@@ -93,7 +97,11 @@ def make_tiny_qwen_vl(folder: str, family: str = "qwen2.5-vl", seed: int = 0) ->
     """Save a random tiny Qwen2.5-VL (or Qwen2-VL) with tokenizer, chat template and image processor."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:  # as in make_tiny_clip: the PIL class under its >= 5.10 name, else the plain (PIL) class
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     words = ["Yes", "yes", "No", "no", "Does", "this", "figure", "show", "Please", "answer", "or", "a", "red",
              "blue", "cube", "system", "user", "assistant", "You", "are", "helpful", "\n", " ", "\"", "?", "."]
@@ -101,7 +109,7 @@ def make_tiny_qwen_vl(folder: str, family: str = "qwen2.5-vl", seed: int = 0) ->
     os.makedirs(folder, exist_ok=True)
     tokenizer.save_pretrained(folder)
     # 28-px units: images become 2x2 to 4x4 merged vision tokens.
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
+    ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
                              temporal_patch_size=2).save_pretrained(folder)
     ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
@@ -109,16 +117,18 @@ def make_tiny_qwen_vl(folder: str, family: str = "qwen2.5-vl", seed: int = 0) ->
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
                 pad_token_id=vocab["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]})
+                rope_theta=1e4, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    # The text settings go in flat, with the legacy rope keys, as the published config.json files have
+    # them: every transformers version reads that form (4.50 knows no text_config).
     torch.manual_seed(seed)
     if family == "qwen2.5-vl":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, **text, **ids))
     elif family == "qwen2-vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, **text, **ids))
     else:
         raise ValueError(f"family must be 'qwen2.5-vl' or 'qwen2-vl', got {family!r}")
     model.save_pretrained(folder)

@@ -7,6 +7,7 @@ Image convention for every `Verifier.score`: a float tensor [N, 3, H, W] with va
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Union
@@ -50,6 +51,30 @@ def to_pil_images(images: ImagesLike) -> list[Image.Image]:
         if not isinstance(image, Image.Image):
             raise TypeError(f"images[{i}] is {type(image).__name__}; expected a PIL image or a [N,3,H,W] tensor")
     return [image.convert("RGB") for image in images]
+
+
+def load_pil_image_processor(folder: str, **options):
+    """The folder's image processor with the PIL backend, in every transformers this pack allows.
+
+    Same numerics with or without torchvision installed. transformers >= 5.10 picks a backend by name
+    (its image_processing_backends module); before, the slow class (use_fast=False) is the PIL one.
+    Imported from its module: transformers 5.10's top-level AutoImageProcessor is a placeholder that
+    demands torchvision when it is missing.
+    """
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    if importlib.util.find_spec("transformers.image_processing_backends") is not None:
+        return AutoImageProcessor.from_pretrained(folder, backend="pil", **options)
+    return AutoImageProcessor.from_pretrained(folder, use_fast=False, **options)
+
+
+def dtype_option(dtype: torch.dtype) -> dict:
+    """The `from_pretrained` keyword for the weights' dtype: `dtype` from transformers 4.56, `torch_dtype` before
+    (kept after only as a deprecated alias that warns)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -7,14 +7,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..fileio import load_torch_file
-from .base import PROCESSOR_FILE_PATTERNS, Verifier
-
-
-def _load_image_processor(folder: str):
-    # The PIL backend everywhere: same numerics with or without torchvision installed.
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(folder, backend="pil")
+from .base import PROCESSOR_FILE_PATTERNS, Verifier, dtype_option, load_pil_image_processor
 
 
 class ClipSimilarityVerifier(Verifier):
@@ -43,8 +36,9 @@ class ClipSimilarityVerifier(Verifier):
         processor_folder = (folder if self.processor_name == self.model_name else
                             self.weights(self.processor_name, allow_patterns=PROCESSOR_FILE_PATTERNS))
         self._tokenizer = AutoTokenizer.from_pretrained(processor_folder)
-        self._image_processor = _load_image_processor(processor_folder)
-        self._model = CLIPModel.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(self.device).eval()
+        self._image_processor = load_pil_image_processor(processor_folder)
+        model = CLIPModel.from_pretrained(folder, **dtype_option(dtype), use_safetensors=True)
+        self._model = model.to(self.device).eval()
 
     def _score(self, images: list[Image.Image], prompt: str) -> torch.Tensor:
         model = self._model
@@ -130,14 +124,15 @@ class AestheticVerifier(Verifier):
 
         folder = self.weights(self.model_name)
         head = load_aesthetic_head(self.weights(self.head_name, file=True))
-        self._image_processor = _load_image_processor(folder)
+        self._image_processor = load_pil_image_processor(folder)
         config = AutoConfig.from_pretrained(folder)
         if config.model_type == "clip":  # a full CLIP folder: take the vision tower and its projection
             vision_config = config.vision_config
             vision_config.projection_dim = config.projection_dim
         else:
             vision_config = config
-        vision = _vision_tower_class().from_pretrained(folder, config=vision_config, dtype=dtype, use_safetensors=True)
+        vision = _vision_tower_class().from_pretrained(folder, config=vision_config, **dtype_option(dtype),
+                                                      use_safetensors=True)
         if vision.config.projection_dim != head.layers[0].in_features:
             raise ValueError(
                 f"aesthetic head expects {head.layers[0].in_features}-d embeddings but {self.model_name} "

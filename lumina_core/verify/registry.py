@@ -109,13 +109,14 @@ _QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num
                          spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31])
 REFERENCE_ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    # Qwen text fields flat, as their config.json has them (the form every transformers version reads).
     "Qwen/Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", dict(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064),
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064,
         vision_config=dict(_QWEN25_VL_VISION, out_hidden_size=3584), tie_word_embeddings=False)),
     "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
-        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, vocab_size=151936,
         vision_config=dict(_QWEN25_VL_VISION, out_hidden_size=2048), tie_word_embeddings=True)),
     "openai/clip-vit-large-patch14": ("clip", _CLIP_L14),
     "yuvalkirstain/PickScore_v1": ("clip", _CLIP_H14),

@@ -3,7 +3,8 @@
 Score = P("Yes" | image, 'Does this figure show "{prompt}"? Please answer yes or no.') read from one
 forward pass (the logits of the first answer position), not renormalised against "No"; an answer of
 several tokens gives the geometric mean of their probabilities (teacher forced). The processor is
-assembled from the tokenizer and the PIL image processor, so torchvision is not needed.
+assembled from the tokenizer and the PIL image processor, so torchvision is not needed. Works with every
+transformers the pack allows (4.50.3 on): optional forward arguments are passed only where the model takes them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import Verifier
+from .base import Verifier, dtype_option, load_pil_image_processor
 
 QUESTION_TEMPLATE = 'Does this figure show "{prompt}"? Please answer yes or no.'
 
@@ -62,20 +63,22 @@ class VQAScoreVerifier(Verifier):
         self._model = self._tokenizer = self._image_processor = None
 
     def _load(self, dtype: torch.dtype) -> None:
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         folder = self.weights(self.model_name)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         extra = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-        image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", **extra)
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        image_processor = load_pil_image_processor(folder, **extra)
+        model = AutoModelForImageTextToText.from_pretrained(folder, **dtype_option(dtype), use_safetensors=True)
         self._chat_template = _read_chat_template(folder, tokenizer)
         self._image_token_id = model.config.image_token_id
         self._answer_ids = tokenizer.encode(self.answer, add_special_tokens=False)
         if not self._answer_ids:
             raise ValueError(f"the tokenizer of {self.model_name} turns the answer {self.answer!r} into no tokens")
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._takes_mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        forward_options = inspect.signature(model.forward).parameters
+        self._takes_mm_types = "mm_token_type_ids" in forward_options
+        self._takes_logits_to_keep = "logits_to_keep" in forward_options  # not in 4.50's Qwen-VL classes
         self._tokenizer, self._image_processor = tokenizer, image_processor
         self._model = model.to(self.device).eval()
 
@@ -110,7 +113,9 @@ class VQAScoreVerifier(Verifier):
             attention[i, length - len(row):] = 1
         inputs = dict(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                       pixel_values=vision["pixel_values"].to(self.device, self._model.dtype),
-                      image_grid_thw=grid.to(self.device), use_cache=False, logits_to_keep=len(answer))
+                      image_grid_thw=grid.to(self.device), use_cache=False)
+        if self._takes_logits_to_keep:  # only the answer positions' logits (not all, a vocabulary each)
+            inputs["logits_to_keep"] = len(answer)
         if self._takes_mm_types:  # transformers >= 5 builds the 3-D rope positions from these
             inputs["mm_token_type_ids"] = (input_ids == self._image_token_id).int().to(self.device)
         logits = self._model(**inputs).logits[:, -len(answer):].float()
