@@ -1,6 +1,6 @@
 """Teach the embedded demo a shape it has never seen with a rank-8 LoRA (CPU, at most 10 minutes of training).
 
-    python bench/lora_demo.py --out /tmp/lora_demo [--fit-seconds 600] [--json bench/lora_demo.json]   # training under nice
+    python bench/lora_demo.py --out /tmp/lora_demo [--fit-seconds 600] [--json bench/lora_demo.json] [--nice 10]
 
 The new shape is a "bar" (lumina_core.demo.data.NEW_SHAPES: a flat rectangle). The demo's
 tokenizer is word-level and was built from the demo's own words, so "bar" reads as `<unk>`, an id
@@ -115,7 +115,7 @@ def evaluate_all(pipe: LuminaPipeline, per_caption: int, with_old: bool = True) 
 
 
 def run_fit(prep: Path, run: Path, args: argparse.Namespace) -> dict:
-    """`train fit --lora 8` in a child process under nice; SIGTERM at the time limit (it saves first)."""
+    """`train fit --lora 8` in a child process (under nice when --nice is given); SIGTERM at the time limit (it saves first)."""
     cmd = [sys.executable, "-m", "lumina_core.train", "fit", "--data", str(prep), "--out", str(run),
            "--init-from", str(DEMO), "--lora", str(args.rank), "--lora-alpha", str(2 * args.rank),
            "--steps", str(args.steps), "--micro-batch", str(args.batch), "--lr", str(args.lr),
@@ -124,7 +124,8 @@ def run_fit(prep: Path, run: Path, args: argparse.Namespace) -> dict:
            "--log-every", "10", "--seed", "0", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
-    proc = subprocess.Popen(["nice", "-n", "10", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    niced = ["nice", "-n", str(args.nice)] if args.nice else []
+    proc = subprocess.Popen([*niced, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         output = proc.communicate(timeout=args.fit_seconds)[0]
@@ -151,6 +152,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--fit-seconds", type=float, default=600.0, help="training time limit (SIGTERM, saved)")
     parser.add_argument("--per-caption", type=int, default=4)
+    parser.add_argument("--nice", type=int, default=0, help="niceness of the training process (0: not niced)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

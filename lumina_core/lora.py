@@ -33,7 +33,7 @@ PEFT_PREFIX = "base_model.model."
 # The official names of the attention and MLP projections inside each decoder layer.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Adapters shipped with the pack (the demo's "bar" lesson, bench/lora_demo.py); the LoRA node lists them.
-BUILTIN_LORA_DIR = Path(__file__).resolve().parent / "assets" / "loras"
+BUILTIN_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo_loras"
 # Strength slider / --lora PATH:STRENGTH bounds (ComfyUI's own LoRA loader allows a wide range too).
 STRENGTH_RANGE = (-10.0, 10.0)
 

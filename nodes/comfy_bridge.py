@@ -96,7 +96,7 @@ LORA_SUBFOLDER = "loras"   # models/lumina_mgpt2/loras, beside ComfyUI's own mod
 
 def lora_files() -> dict[str, Path]:
     """LoRA .safetensors files by their listed name: ComfyUI's ``loras`` folders, ``<model folder>/loras``,
-    then the adapters shipped with the pack (lumina_core/assets/loras)."""
+    then the adapters shipped with the pack (lumina_core/assets/demo_loras)."""
     files: dict[str, Path] = {}
     folder_paths = _import("folder_paths")
     if folder_paths is not None:

@@ -158,9 +158,13 @@ def framing(nodes: list[dict]) -> dict:
 
 
 def build(info: dict, task: str, title: str, settings: list[str], prompt: str, demo: str, *,
-          image: str | None = None, canny: bool = False, think: bool = False, best_of: int = 0) -> Graph:
+          image: str | None = None, canny: bool = False, think: bool = False, best_of: int = 0,
+          lora: str | None = None) -> Graph:
     """One workflow: Loader -> (ThinkPrompt) -> Composer (<- LoadImage) -> Sampler -> VQDecode -> outputs.
 
+    With `lora` (a lora_name), a LoRA node sits between the Loader and the Sampler: the sampler draws
+    with the adapted model; the composer (sizes) and the decoder (MoVQGAN) read the Loader's pipe,
+    which the adapter does not change.
     Sizes and sampling settings stay at "model default", so the same file runs on the 7B and the demo.
     """
     g = Graph(info, title)
@@ -189,9 +193,14 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, d
         g.link(think_node, "prompt", composer, "prompt")
     if source is not None:
         g.link(source[0], source[1], composer, "image")
+    sampler_pipe = (loader, "pipe")
+    if lora is not None:
+        lora_node = g.add("LuminaMGPT2LoRA", {"lora_name": lora}, pos=(x, 260), size=(340, 130))
+        g.link(loader, "pipe", lora_node, "pipe")
+        sampler_pipe = (lora_node, "pipe")
     sampler = g.add("LuminaMGPT2ARSamplerSJD", {"batch_size": max(1, best_of)}, pos=(x + 1140, 0),
                     size=(320, 400))
-    g.link(loader, "pipe", sampler, "pipe")
+    g.link(sampler_pipe[0], sampler_pipe[1], sampler, "pipe")
     g.link(composer, "request", sampler, "request")
     decode = g.add("LuminaMGPT2VQDecode", {}, pos=(x + 1500, 0), size=(260, 120))
     g.link(loader, "pipe", decode, "pipe")
@@ -229,6 +238,27 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, d
     return g
 
 
+# The LoRA workflow on the demo: the adapter bench/lora_demo.py trains (rank 8, 10 CPU minutes), shipped
+# in lumina_core/assets/demo_loras/ when it learnt its lesson (the node lists that folder last).
+DEMO_LORA_FOLDER = "demo_bar"
+DEMO_LORA_SHIPPED = (REPO / "lumina_core" / "assets" / "demo_loras" / DEMO_LORA_FOLDER /
+                     "adapter_model.safetensors").is_file()
+NO_LORA = "(no LoRA files found)"   # the node's list when no adapter is installed (nodes/lora.py)
+DEMO_LORA = f"{DEMO_LORA_FOLDER}/adapter_model.safetensors" if DEMO_LORA_SHIPPED else NO_LORA
+MAKE_DEMO_LORA = ("python bench/lora_demo.py --out /tmp/lora_demo (about 15 CPU minutes: 10 of training, then "
+                  "the scores), then copy the folder /tmp/lora_demo/adapter (adapter_model.safetensors + "
+                  "adapter_config.json) to ComfyUI/models/loras/lora_demo/ and pick lora_demo/adapter_model.safetensors")
+LORA_DEMO_NOTE = (
+    f"switch the Loader to demo and queue as it is: the LoRA node is set to {DEMO_LORA}, the adapter shipped "
+    f"with the pack (lumina_core/assets/demo_loras/{DEMO_LORA_FOLDER}/, nothing to copy; listed after the files "
+    "of models/loras). bench/lora_demo.py trained it (rank 8, 10 CPU minutes) to teach the demo a shape it never "
+    "saw, a bar (a flat rectangle): write e.g. 'a red bar in the center' and compare strength 1 with 0. Your own "
+    "adapter file goes in ComfyUI/models/loras (or models/lumina_mgpt2/loras); on the 7B pick one trained for "
+    f"the 7B (the demo's adapter is refused there: another base)." if DEMO_LORA_SHIPPED else
+    "the pack ships no demo adapter (the 10-minute CPU run of bench/lora_demo.py did not reach its bar). Make "
+    f"one: {MAKE_DEMO_LORA} in the LoRA node, switch the Loader to demo and queue. Your own adapter file goes "
+    "in ComfyUI/models/loras (or models/lumina_mgpt2/loras), adapter_model.safetensors alone or in its folder.")
+
 # Prompts the demo draws right most of the time (and the 7B draws too).
 DEMO_T2I_PROMPT = "a blue square in the bottom right"
 DEMO_PANEL_PROMPT = "a green circle in the top left"
@@ -259,6 +289,15 @@ def catalogue(info: dict) -> dict[str, Graph]:
         "switch the Loader to demo, set ThinkPrompt to pass through (an LLM's long prompt is beyond the demo) and "
         "the verifier to demo_check (the demo's pixel checker): it keeps the best of 4 shapes images.",
         think=True, best_of=4)
+    out["t2i_lora"] = build(
+        info, "t2i", title["t2i_lora"],
+        common + ["LoRA: pick the adapter (a peft-format adapter_model.safetensors, alone or in its folder with "
+                  "adapter_config.json, in ComfyUI/models/loras or models/lumina_mgpt2/loras; made by "
+                  "`python -m lumina_core.train fit --lora` + `train export`) and its strength (0 = off). Chain "
+                  "more LoRA nodes to stack adapters; removing the node or changing the strength needs no "
+                  "reload. An adapter made for another base model is refused, with the module named.",
+                  "Composer: write the prompt (the adapter's words, if it was trained on some)."],
+        DEMO_T2I_PROMPT, LORA_DEMO_NOTE, lora=DEMO_LORA)
     for cond in ("depth", "canny", "hed", "openpose"):
         out[f"pair_{cond}"] = build(
             info, f"pair_{cond}", title[f"pair_{cond}"],

@@ -137,17 +137,31 @@ def server(tmp_path_factory):
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.symlink(REPO, base / "custom_nodes" / "lumina_mgpt2")
     write_tiny_checkpoint(base / "models" / "lumina_mgpt2" / "Lumina-mGPT-2.0", words=DEMO_CAPTION)
+    # Adapters in ComfyUI's own models/loras for the LoRA workflow: one for the tiny stand-in of the 7B,
+    # and (when the pack ships none for the demo) a faint random one for the demo.
+    from lumina_core.testing.adapters import write_random_adapter
+
+    write_random_adapter(base / "models" / "loras" / TINY_LORA.split("/")[0],
+                         base / "models" / "lumina_mgpt2" / "Lumina-mGPT-2.0", std=0.05)
+    if (DEMO_MODEL / "config.json").is_file():
+        write_random_adapter(base / "models" / "loras" / RANDOM_DEMO_LORA.split("/")[0], DEMO_MODEL, std=0.01)
     shutil.copy(Path(COMFYUI) / "input" / "example.png", base / "input" / "example.png")
     srv = Server(base)
     yield srv
     srv.stop()
 
 
+TINY_LORA = "tiny_lumina/adapter_model.safetensors"            # written by the server fixture
+RANDOM_DEMO_LORA = "demo_random/adapter_model.safetensors"
+
+
 def shrink(prompt: dict) -> dict:
-    """Tiny sizes for the tiny model on CPU; nothing else changes except offline stand-ins."""
+    """Tiny sizes for the tiny model on CPU; nothing else changes except offline stand-ins (and its adapter)."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs = node["inputs"]
+        if node["class_type"] == "LuminaMGPT2LoRA":
+            inputs["lora_name"] = TINY_LORA
         if node["class_type"] == "LuminaMGPT2DualPanelComposer":
             dual = inputs["task"] != "t2i"
             inputs["width"], inputs["height"] = (32, 64) if dual else (32, 32)
@@ -163,7 +177,7 @@ def shrink(prompt: dict) -> dict:
 def test_server_lists_the_pack(server):
     info = server.get("/object_info")
     ours = sorted(k for k in info if k.startswith("LuminaMGPT2"))
-    assert len(ours) == 7
+    assert len(ours) == 8
     models = info["LuminaMGPT2Loader"]["input"]["required"]["model"][0]
     assert models[0] == "Lumina-mGPT-2.0" and "Alpha-VLLM/Lumina-mGPT-2.0" in models
     assert "lumina_mgpt2" in server.get("/models")
@@ -296,10 +310,14 @@ needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reas
 def on_demo(name: str) -> dict:
     """A shipped workflow's API twin with the Loader on demo; nothing else changes but the offline stand-ins."""
     prompt = json.loads((API_DIR / name).read_text())
+    from lumina_core.lora import BUILTIN_LORA_DIR
+
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "LuminaMGPT2Loader":
             inputs["model"] = "demo"
+        if node["class_type"] == "LuminaMGPT2LoRA" and not (BUILTIN_LORA_DIR / inputs["lora_name"]).is_file():
+            inputs["lora_name"] = RANDOM_DEMO_LORA  # the pack ships no demo adapter: a faint random one
         if node["class_type"] == "LuminaMGPT2ThinkPrompt":
             inputs["endpoint"] = f"http://127.0.0.1:{clients.free_port()}/v1"  # nothing listens: falls back
         if node["class_type"] == "LuminaMGPT2VerifierBestOfN":

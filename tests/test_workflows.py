@@ -177,3 +177,17 @@ def test_sampler_workflows_saved_before_guidance_still_line_up(info):
     later = ("guidance", "kv_cache")
     assert not set(later) & set(old) and old == {k: v for k, v in current.items() if k not in later}
     assert "guidance" not in info["LuminaMGPT2ARSamplerSJD"]["input"]["required"]  # optional: no validation error
+
+
+def test_lora_workflow_puts_the_lora_node_between_loader_and_sampler():
+    """Loader -> LoRA -> Sampler; the composer (sizes) and the decoder read the Loader's pipe; the Note names the folder."""
+    api = load(API_DIR / wt.workflow_name("t2i_lora"))
+    by_type = {n["class_type"]: (k, n) for k, n in api.items()}
+    loader_id, _ = by_type["LuminaMGPT2Loader"]
+    lora_id, lora = by_type["LuminaMGPT2LoRA"]
+    assert lora["inputs"]["pipe"] == [loader_id, 0] and lora["inputs"]["strength"] == 1.0
+    assert by_type["LuminaMGPT2ARSamplerSJD"][1]["inputs"]["pipe"] == [lora_id, 0]
+    assert by_type["LuminaMGPT2VQDecode"][1]["inputs"]["pipe"] == [loader_id, 0]
+    ui = load(wt.REPO / "workflows" / wt.workflow_name("t2i_lora"))
+    note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "models/loras" in note and "adapter_model.safetensors" in note

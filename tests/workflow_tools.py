@@ -23,6 +23,7 @@ PACK_MODULE = REPO.as_posix().replace(".", "_x_")
 WORKFLOW_TITLES = {
     "t2i": "Text to image",
     "t2i_think_best_of_n": "Text to image with ThinkPrompt and best-of-N",
+    "t2i_lora": "Text to image with a LoRA",
     "pair_depth": "Image pair from text - depth map", "pair_canny": "Image pair from text - canny edge map",
     "pair_hed": "Image pair from text - HED edge map", "pair_openpose": "Image pair from text - OpenPose map",
     "subject": "Subject-driven generation", "edit": "Image editing",
@@ -35,7 +36,7 @@ WORKFLOW_TITLES = {
 
 
 def workflow_name(stem: str) -> str:
-    """File name (title + .json) of the shipped workflow ``stem`` (a task key, or t2i_think_best_of_n)."""
+    """File name (title + .json) of the shipped workflow ``stem`` (a task key, t2i_think_best_of_n or t2i_lora)."""
     return f"{WORKFLOW_TITLES.get(stem, stem)}.json"
 
 
