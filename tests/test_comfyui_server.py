@@ -177,7 +177,7 @@ def shrink(prompt: dict) -> dict:
 def test_server_lists_the_pack(server):
     info = server.get("/object_info")
     ours = sorted(k for k in info if k.startswith("LuminaMGPT2"))
-    assert len(ours) == 8
+    assert len(ours) == 7
     models = info["LuminaMGPT2Loader"]["input"]["required"]["model"][0]
     assert models[0] == "Lumina-mGPT-2.0" and "Alpha-VLLM/Lumina-mGPT-2.0" in models
     assert "lumina_mgpt2" in server.get("/models")
