@@ -172,18 +172,24 @@ def step_activation_bytes(config: ModelConfig, dtype: torch.dtype, batch_rows: i
     return 4 * hidden + max(qkv, mlp) + mask + kv_copy + logits
 
 
+# The MoVQGAN decode's dtypes: float32 (as loaded: today's numerics) or a bfloat16 copy (half the bytes).
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @functools.lru_cache(maxsize=8)
-def movqgan_weight_bytes(movq_config=None) -> int:
-    """Bytes of the MoVQGAN as loaded (float32, encoder and decoder): 1.0 GiB for the 270M release."""
+def movqgan_weight_bytes(movq_config=None, decode_dtype: str = "fp32") -> int:
+    """Bytes of the MoVQGAN in `decode_dtype` (encoder and decoder): 1.0 GiB for the 270M release in float32."""
     from .movqgan import MoVQConfig, MoVQGAN
 
     with torch.device("meta"):
         model = MoVQGAN(movq_config or MoVQConfig())
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    size = DECODE_DTYPES[decode_dtype].itemsize
+    return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in model.parameters())
 
 
-def decode_activation_bytes(width: int, height: int, movq_config=None, images: int = 1) -> int:
-    """Largest live activations of a MoVQGAN decode of `images` images of width x height (float32).
+def decode_activation_bytes(width: int, height: int, movq_config=None, images: int = 1,
+                            decode_dtype: str = "fp32") -> int:
+    """Largest live activations of a MoVQGAN decode of `images` images of width x height in `decode_dtype`.
 
     Measured on CPU (bench/memory_plan.py): about 10 feature maps of the full-resolution level (ch
     channels: the upsampled input, the spatially conditioned norm's scale, shift, product and sum,
@@ -192,9 +198,10 @@ def decode_activation_bytes(width: int, height: int, movq_config=None, images: i
     from .movqgan import MoVQConfig
 
     cfg = movq_config or MoVQConfig()
-    full_map = images * cfg.ch * cfg.ch_mult[0] * width * height * 4
+    size = DECODE_DTYPES[decode_dtype].itemsize
+    full_map = images * cfg.ch * cfg.ch_mult[0] * width * height * size
     latent = (width // cfg.downsample_factor) * (height // cfg.downsample_factor)
-    return 10 * full_map + images * latent * latent * 4
+    return 10 * full_map + images * latent * latent * size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ class MemoryEstimate:
     movqgan_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
-    decode_bytes: int           # MoVQGAN decode activations of one image
+    decode_bytes: int           # MoVQGAN decode activations of one sub-batch, in decode_dtype
     peak_bytes: int
     kv_cache: str
     quant: Optional[str]
@@ -218,6 +225,7 @@ class MemoryEstimate:
     cache_positions: int
     width: int
     height: int
+    decode_dtype: str = "fp32"  # "bf16" where a float32 decode beside the transformer would not fit
 
     def to_dict(self) -> dict:
         """JSON-ready fields (what `memory --json` prints)."""
@@ -228,15 +236,18 @@ class MemoryEstimate:
         g = lambda n: f"{n / GIB:.2f}"  # noqa: E731
         return (f"| {self.width}x{self.height} | {self.quant or 'bf16'} | {self.kv_cache} | {self.num_images} "
                 f"({self.images_per_batch} at a time) | {g(self.weights_bytes)} | {g(self.kv_cache_bytes)} | "
-                f"{g(self.activation_bytes)} | {g(self.decode_bytes)} | **{g(self.peak_bytes)}** |")
+                f"{g(self.activation_bytes)} | {g(self.decode_bytes)} ({self.decode_dtype}) | "
+                f"**{g(self.peak_bytes)}** |")
 
 
 def estimate(config: ModelConfig, request: Request, sampling: SamplingConfig, quant: Optional[str] = None,
              kv_cache: str = "auto", dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
              prompt_tokens: int = DEFAULT_PROMPT_TOKENS, images_per_batch: Optional[int] = None,
              num_image_codes: int = DEFAULT_IMAGE_CODES, movq_config=None, vocabulary_rows: Optional[int] = None,
-             transformer_resident_bytes: Optional[int] = None) -> MemoryEstimate:
+             transformer_resident_bytes: Optional[int] = None, decode_dtype: str = "fp32") -> MemoryEstimate:
     """Bytes of one generation on `device` with these settings (`kv_cache` as SamplingConfig takes it).
+
+    `decode_dtype` "bf16": the decode runs on a bfloat16 copy of the MoVQGAN (the float32 one off the device).
 
     `transformer_resident_bytes` replaces the count from the config (a loaded pipeline counts its own).
     """
@@ -256,16 +267,19 @@ def estimate(config: ModelConfig, request: Request, sampling: SamplingConfig, qu
     activations = max(prefill, step)
     model_bytes = transformer_resident_bytes if transformer_resident_bytes is not None else \
         transformer_bytes(config, dtype, quant, device, num_image_codes, vocabulary_rows)
+    if decode_dtype not in DECODE_DTYPES:
+        raise InputError(f"unknown decode_dtype {decode_dtype!r}; allowed: {', '.join(DECODE_DTYPES)}")
     movq = movqgan_weight_bytes(movq_config)
-    decode = decode_activation_bytes(request.width, request.height, movq_config, images=per_batch)
+    decode = decode_activation_bytes(request.width, request.height, movq_config, images=per_batch,
+                                     decode_dtype=decode_dtype)
     # Off the host, the MoVQGAN waits on the host while sampling (LuminaPipeline.generate).
     sampling_phase = model_bytes + kv_bytes + activations + (movq if device == "cpu" else 0)
-    decode_phase = model_bytes + movq + decode
+    decode_phase = model_bytes + movqgan_weight_bytes(movq_config, decode_dtype) + decode
     return MemoryEstimate(weights_bytes=model_bytes + movq, transformer_bytes=model_bytes, movqgan_bytes=movq,
                           kv_cache_bytes=kv_bytes, activation_bytes=activations, decode_bytes=decode,
                           peak_bytes=max(sampling_phase, decode_phase), kv_cache=kv_cache, quant=quant,
                           images_per_batch=per_batch, num_images=sampling.num_images, cache_positions=positions,
-                          width=request.width, height=request.height)
+                          width=request.width, height=request.height, decode_dtype=decode_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,20 +296,29 @@ def _kv_options(kv_cache: str) -> tuple[str, ...]:
     return (kv_cache,)
 
 
+def _decode_options(device: str) -> tuple[str, ...]:
+    """Decode dtypes a plan may pick: float32 first (today's numerics); bf16 only on CUDA, where it halves the decode."""
+    return ("fp32", "bf16") if torch.device(device).type == "cuda" else ("fp32",)
+
+
 def plan(free_bytes: int, config: ModelConfig, request: Request, sampling: SamplingConfig,
          quant: Optional[str] = None, kv_cache: str = "auto", **kwargs) -> MemoryEstimate:
-    """The settings that fit `free_bytes`: the most images per sub-batch, unquantized KV before fp8 at equal count.
+    """The settings that fit `free_bytes`: the most images per sub-batch, unquantized KV before fp8 at equal count,
+    a float32 decode before a bf16 one (CUDA only; `decode_dtype=` fixes it).
 
     Raises MemoryPlanError naming the need, the free memory and the options that would fit (fp8 KV,
     fewer images at a time, another quantization), or the smallest run that fits at all.
     """
     first = None
+    decodes = (kwargs.pop("decode_dtype"),) if "decode_dtype" in kwargs else _decode_options(kwargs.get("device", "cuda"))
     for per_batch in range(sampling.num_images, 0, -1):
         for kv in _kv_options(kv_cache):
-            guess = estimate(config, request, sampling, quant=quant, kv_cache=kv, images_per_batch=per_batch, **kwargs)
-            first = first or guess
-            if guess.peak_bytes <= free_bytes:
-                return guess
+            for dec in decodes:
+                guess = estimate(config, request, sampling, quant=quant, kv_cache=kv, images_per_batch=per_batch,
+                                 decode_dtype=dec, **kwargs)
+                first = first or guess
+                if guess.peak_bytes <= free_bytes:
+                    return guess
     raise MemoryPlanError(_refusal(free_bytes, config, request, sampling, quant, kv_cache, first, kwargs))
 
 
@@ -327,11 +350,12 @@ def _refusal(free_bytes: int, config: ModelConfig, request: Request, sampling: S
     head = (f"{request.width}x{request.height} x{sampling.num_images} with quantization {quant or 'none'} and "
             f"kv_cache {kv_cache} needs {_gib(asked.peak_bytes)}, {_gib(free_bytes)} free")
     options = []
+    decodes = _decode_options(kwargs.get("device", "cuda"))
     for other in (quant, *[q for q in (None, "int8", "int4") if q != quant]):
         for per_batch in range(sampling.num_images, 0, -1):
-            fit = next((e for kv in _kv_options("auto")
+            fit = next((e for kv in _kv_options("auto") for dec in decodes
                         for e in [estimate(config, request, sampling, quant=other, kv_cache=kv,
-                                           images_per_batch=per_batch, **kwargs)]
+                                           images_per_batch=per_batch, decode_dtype=dec, **kwargs)]
                         if e.peak_bytes <= free_bytes), None)
             if fit is not None:
                 at_a_time = f", {per_batch} image(s) at a time" if per_batch < sampling.num_images else ""
@@ -341,8 +365,10 @@ def _refusal(free_bytes: int, config: ModelConfig, request: Request, sampling: S
     if options:
         return f"{head}; fits: " + "; or ".join(options)
     one = dataclasses.replace(sampling, num_images=1)
-    smallest = min((estimate(config, Request(width=side, height=side), one, quant=q, kv_cache=kv, **kwargs)
-                    for side in (256, 512) for q in (None, "int8", "int4") for kv in _kv_options("auto")),
+    smallest = min((estimate(config, Request(width=side, height=side), one, quant=q, kv_cache=kv, decode_dtype=dec,
+                             **kwargs)
+                    for side in (256, 512) for q in (None, "int8", "int4") for kv in _kv_options("auto")
+                    for dec in decodes),
                    key=lambda e: e.peak_bytes)
     return (f"{head}; nothing fits: the smallest run of this model ({smallest.width}x{smallest.height}, 1 image, "
             f"quantization {smallest.quant or 'none'}, kv_cache {smallest.kv_cache}) needs "
@@ -354,10 +380,12 @@ def plan_for_pipeline(pipe, request: Request, sampling: SamplingConfig, free_byt
     first = None
     for per_batch in range(sampling.num_images, 0, -1):
         for kv in _kv_options(sampling.kv_cache):
-            guess = estimate_for_pipeline(pipe, request, sampling, kv_cache=kv, images_per_batch=per_batch)
-            first = first or guess
-            if guess.peak_bytes <= free_bytes:
-                return guess
+            for dec in _decode_options(pipe.device.type):
+                guess = estimate_for_pipeline(pipe, request, sampling, kv_cache=kv, images_per_batch=per_batch,
+                                              decode_dtype=dec)
+                first = first or guess
+                if guess.peak_bytes <= free_bytes:
+                    return guess
     kwargs = {"dtype": pipe.dtype, "device": pipe.device.type, "num_image_codes": pipe.layout.num_image_codes,
               "movq_config": pipe.movqgan.config if pipe.movqgan is not None else None}
     raise MemoryPlanError(_refusal(free_bytes, pipe.config, request, sampling, pipe.quant, sampling.kv_cache, first,
@@ -384,7 +412,7 @@ def resident_bytes(module: torch.nn.Module, device: torch.device | str) -> int:
 
 
 def estimate_for_pipeline(pipe, request: Request, sampling: SamplingConfig, kv_cache: str = "auto",
-                          images_per_batch: Optional[int] = None) -> MemoryEstimate:
+                          images_per_batch: Optional[int] = None, decode_dtype: str = "fp32") -> MemoryEstimate:
     """`estimate` for a loaded pipeline: its config, device, dtype, quantization, prompt length, MoVQGAN and
     the bytes its transformer really holds on the device."""
     from .tokens import prompt_ids
@@ -394,7 +422,8 @@ def estimate_for_pipeline(pipe, request: Request, sampling: SamplingConfig, kv_c
     return estimate(pipe.config, request, sampling, quant=pipe.quant, kv_cache=kv_cache, dtype=pipe.dtype,
                     device=pipe.device.type, prompt_tokens=prompt, images_per_batch=images_per_batch,
                     num_image_codes=pipe.layout.num_image_codes, movq_config=movq,
-                    transformer_resident_bytes=resident_bytes(pipe.transformer, pipe.device))
+                    transformer_resident_bytes=resident_bytes(pipe.transformer, pipe.device),
+                    decode_dtype=decode_dtype)
 
 
 def sub_batches(num_images: int, per_batch: int) -> list[tuple[int, int]]:
@@ -431,7 +460,9 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", action="store_true", help="print the README table of the 7B rows")
 
 
-README_ROWS = ((768, "int4", "fp8"), (768, "int8", "fp8"), (768, None, "fp8"), (768, None, "bf16"), (512, "int4", "fp8"))
+# (side, quantization, KV storage, the issue's target in GiB: the card it is for, less the display's share)
+README_ROWS = ((768, "int4", "fp8", 9), (768, "int8", "fp8", 12), (768, None, "fp8", 18), (768, None, "bf16", 22.5),
+               (512, "int4", "fp8", 6))
 
 
 def run_memory(args: argparse.Namespace) -> int:
@@ -450,11 +481,18 @@ def run_memory(args: argparse.Namespace) -> int:
     quant = None if args.quant == "none" else args.quant
     sampling = SamplingConfig(cfg=args.cfg, sjd=args.sjd, sjd_window=args.sjd_window, num_images=args.num_images)
     if args.table:
-        print("| size | weights | KV cache | images | weights GiB | KV GiB | activations GiB | decode GiB | peak GiB |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for side, q, kv in README_ROWS:
-            print(estimate(config, Request(width=side, height=side), SamplingConfig(), quant=q, kv_cache=kv,
-                           **kwargs).table_row())
+        print("| size | weights | KV cache | images | weights GiB | KV GiB | activations GiB | decode GiB (dtype) "
+              "| peak GiB | target GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for side, q, kv, target in README_ROWS:
+            # Planned within the target: a float32 decode where it fits, else bf16 (CUDA); over it, the fp32 figures.
+            try:
+                row = plan(int(target * GIB), config, Request(width=side, height=side), SamplingConfig(), quant=q,
+                           kv_cache=kv, **kwargs)
+            except MemoryPlanError:
+                row = estimate(config, Request(width=side, height=side), SamplingConfig(), quant=q, kv_cache=kv,
+                               **kwargs)
+            print(f"{row.table_row()} {target} |")
         return 0
     request = Request(task=args.task, width=args.width, height=args.height,
                       reference=_placeholder_reference(args.task, args.width, args.height))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class LuminaPipeline:
         self.defaults = defaults or ModelDefaults.official()  # the model's own sizes and sampling settings
         self.loras: list = []  # [(lora.LoraAdapter, strength)], applied beside the linears (lumina_core/lora.py)
         self.decode_images_per_batch: Optional[int] = None  # set by a memory plan
+        self.decode_dtype = "fp32"  # "bf16" when a memory plan found no room for a float32 decode (CUDA)
 
     @property
     def device(self) -> torch.device:
@@ -231,6 +233,7 @@ class LuminaPipeline:
             per_batch = plan.images_per_batch
             sampling = dataclasses.replace(sampling, kv_cache=plan.kv_cache)
             self.decode_images_per_batch = per_batch
+            self.decode_dtype = plan.decode_dtype
         decoder = decode_sjd if sampling.sjd else decode_ar
         grids, parts = [], []
         # Sampling never reads the MoVQGAN: off the compute device meanwhile, its memory is the KV
@@ -276,6 +279,23 @@ class LuminaPipeline:
         device = self.movqgan.codebook.device
         # A memory plan sized the decode for this many images at a time (a 768x768 decode holds ~6 GiB).
         chunk = self.decode_images_per_batch or grid.shape[0]
-        with cpu_threads(self.threads):
-            return torch.cat([self.movqgan.decode(grid[i:i + chunk].to(device)).clamp(-1, 1)
+        with cpu_threads(self.threads), self._decoder() as movqgan:
+            return torch.cat([movqgan.decode(grid[i:i + chunk].to(device)).clamp(-1, 1)
                               for i in range(0, grid.shape[0], chunk)])
+
+    @contextlib.contextmanager
+    def _decoder(self):
+        """The MoVQGAN in `decode_dtype`: itself in float32; for bf16 a copy made on the host, so the device
+        holds only the bf16 weights (half the bytes, as memory.estimate counts) and the float32 ones stay exact."""
+        from .memory import DECODE_DTYPES
+
+        dtype = DECODE_DTYPES[self.decode_dtype]
+        if dtype == self.movqgan.codebook.dtype:
+            yield self.movqgan
+            return
+        home = self.movqgan.codebook.device
+        self.movqgan.to("cpu")
+        try:
+            yield copy.deepcopy(self.movqgan).to(dtype=dtype).to(home)
+        finally:
+            self.movqgan.to(home)

@@ -1,4 +1,6 @@
 """The memory planner: exact weight and KV bytes, a measured peak, sub-batches, refusals, the CLI."""
+import copy
+import math
 import os
 import subprocess
 import sys
@@ -8,8 +10,9 @@ import pytest
 import torch
 
 from lumina_core.config import ModelConfig
-from lumina_core.memory import (GIB, MemoryPlanError, estimate, estimate_for_pipeline, layer_bytes, plan,
-                                resident_bytes, transformer_bytes)
+from lumina_core.errors import InputError
+from lumina_core.memory import (GIB, MemoryPlanError, decode_activation_bytes, estimate, estimate_for_pipeline,
+                                layer_bytes, movqgan_weight_bytes, plan, resident_bytes, transformer_bytes)
 from lumina_core.model import DecoderLayer
 from lumina_core.pipeline import LuminaPipeline
 from lumina_core.quant import quantize_module
@@ -208,3 +211,70 @@ def test_generate_memory_budget_plans_or_refuses(tmp_path):
     done = subprocess.run(base + ["--memory-budget", "4"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+
+def _psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (image.clamp(-1, 1) - reference.clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4 / mse)
+
+
+def test_bf16_decode_of_the_oracle_movqgan_stays_close_to_float32():
+    """The bf16 decode a tight plan picks on CUDA, on the official-layout oracle MoVQGAN (bf16 runs on CPU too).
+
+    Measured: 46.6 / 42.5 / 35.8 dB on the oracle's three cases, 37.3 dB on two random 16x16 grids.
+    """
+    from lumina_core.movqgan import load_movqgan
+
+    folder = ROOT / "tests" / "fixtures" / "oracle_movq_tiny"
+    movq = load_movqgan(folder / "movqgan_tiny.ckpt")
+    half = copy.deepcopy(movq).to(torch.bfloat16)
+    cases = torch.load(folder / "cases.pt", weights_only=True)
+    grids = [cases[k]["codes"].view(1, cases[k]["h"], cases[k]["w"]) for k in ("decode_4x4", "decode_4x6", "decode_6x4")]
+    grids.append(torch.randint(0, movq.config.n_embed, (2, 16, 16), generator=torch.Generator().manual_seed(0)))
+    for codes in grids:
+        full, low = movq.decode(codes), half.decode(codes)
+        assert low.dtype == torch.float32 and low.shape == full.shape
+        assert _psnr(low, full) > 33.0, codes.shape
+
+
+def test_decode_dtype_bytes_and_the_plan_pick_bf16_only_when_float32_does_not_fit(tiny_pipe):
+    config, request = ModelConfig.preset("7b"), Request(width=768, height=768)
+    fp32 = estimate(config, request, SamplingConfig(), quant="int4", kv_cache="fp8")
+    bf16 = estimate(config, request, SamplingConfig(), quant="int4", kv_cache="fp8", decode_dtype="bf16")
+    assert (fp32.decode_dtype, bf16.decode_dtype) == ("fp32", "bf16")
+    assert fp32.decode_bytes == 2 * bf16.decode_bytes == decode_activation_bytes(768, 768)
+    assert movqgan_weight_bytes() == 2 * movqgan_weight_bytes(decode_dtype="bf16") == fp32.movqgan_bytes
+    assert bf16.peak_bytes < fp32.peak_bytes
+    # float32 (today's numerics) wherever it fits; bf16 on CUDA where only it fits; never on CPU unless asked
+    assert plan(fp32.peak_bytes, config, request, SamplingConfig(), quant="int4", kv_cache="fp8").decode_dtype == "fp32"
+    tight = plan(9 * GIB, config, request, SamplingConfig(), quant="int4", kv_cache="fp8")
+    assert tight.decode_dtype == "bf16" and tight.peak_bytes <= 9 * GIB < fp32.peak_bytes
+    with pytest.raises(MemoryPlanError):
+        plan(9 * GIB, config, request, SamplingConfig(), quant="int4", kv_cache="fp8", decode_dtype="fp32")
+    cpu = estimate(config, request, SamplingConfig(), quant="int4", kv_cache="fp8", device="cpu")
+    assert plan(cpu.peak_bytes, config, request, SamplingConfig(), quant="int4", kv_cache="fp8",
+                device="cpu").decode_dtype == "fp32"
+    with pytest.raises(MemoryPlanError):
+        plan(cpu.peak_bytes - 1, config, request, SamplingConfig(), quant="int4", kv_cache="fp8", device="cpu")
+    with pytest.raises(InputError, match="decode_dtype"):
+        estimate(config, request, SamplingConfig(), decode_dtype="fp16")
+
+
+def test_pipeline_bf16_decode_holds_the_planned_weights_and_keeps_float32_exact(tiny_pipe):
+    """The bf16 copy's allocated bytes equal the plan's count; the float32 MoVQGAN is untouched by it."""
+    codes = torch.randint(0, tiny_pipe.layout.num_image_codes, (2, 8, 8), generator=torch.Generator().manual_seed(3))
+    full = tiny_pipe.decode(codes)
+    planned = estimate_for_pipeline(tiny_pipe, Request(prompt="red circle", width=64, height=64), SamplingConfig(),
+                                    decode_dtype="bf16")
+    tiny_pipe.decode_dtype = "bf16"
+    try:
+        with tiny_pipe._decoder() as movq:
+            assert movq is not tiny_pipe.movqgan and movq.codebook.dtype == torch.bfloat16
+            assert resident_bytes(movq, "cpu") == movqgan_weight_bytes(tiny_pipe.movqgan.config, "bf16")
+            assert planned.weights_bytes - planned.transformer_bytes == resident_bytes(tiny_pipe.movqgan, "cpu")
+        low = tiny_pipe.decode(codes)
+    finally:
+        tiny_pipe.decode_dtype = "fp32"
+    assert low.dtype == torch.float32 and _psnr(low, full) > 30.0
+    assert tiny_pipe.movqgan.codebook.dtype == torch.float32 and torch.equal(tiny_pipe.decode(codes), full)
