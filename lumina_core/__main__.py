@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from .batchgen.cli import (AUTO_MODEL, OFFICIAL_MODEL, OFFICIAL_SAMPLING, add_generate_arguments,
                            apply_model_defaults, choose_model, generate_command)
-from .memory import MEMORY_HELP, add_memory_arguments, run_memory
+from .memory_cli import MEMORY_HELP, add_memory_arguments, run_memory
 
 
 def _generate(args: argparse.Namespace) -> int:
