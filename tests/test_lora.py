@@ -27,6 +27,7 @@ from lumina_core.testing.checkpoints import TINY_MOVQGAN_FILE, write_tiny_checkp
 from lumina_core.train import FitOptions, fit, prepare
 from lumina_core.train.__main__ import main as train_main
 from lumina_core.train.checkpoint import MODEL_FILE, OPTIMIZER_FILE, latest_checkpoint
+from lumina_core.testing.items import write_smooth_t2i_items
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a red fox blue sky"
@@ -38,12 +39,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     model = write_tiny_checkpoint(root / "model", words=WORDS, num_image_codes=64, max_grids=16)
     rng = np.random.default_rng(0)
-    items = []
-    for i in range(6):
-        base = rng.integers(0, 255, 3)
-        arr = np.clip(base + np.arange(32)[:, None, None] * rng.integers(-3, 4, 3), 0, 255).astype(np.uint8)
-        Image.fromarray(np.broadcast_to(arr, (32, 32, 3)).copy()).save(root / f"img{i}.png")
-        items.append({"task": "t2i", "prompt": f"a red fox {i}", "image": f"img{i}.png"})
+    items = write_smooth_t2i_items(root, rng)
     (root / "data.jsonl").write_text("\n".join(map(json.dumps, items)) + "\n", encoding="utf-8")
     prepare(root / "data.jsonl", root / "prep", model, model / TINY_MOVQGAN_FILE, target_size=64, shard_size=3,
             progress=False)

@@ -20,6 +20,7 @@ from lumina_core.train import (FitOptions, SampleOrder, TokenDataset, causal_lm_
 from lumina_core.train import data as train_data
 from lumina_core.train.__main__ import main as cli_main
 from lumina_core.train.checkpoint import MODEL_FILE, checkpoint_tensor_names, latest_checkpoint, read_checkpoint_tensors
+from lumina_core.testing.items import write_smooth_t2i_items
 
 WORDS = "a red fox blue sky green tree"
 GOOD_ITEMS = 8  # 6 t2i + 2 dual-panel
@@ -28,13 +29,7 @@ GOOD_ITEMS = 8  # 6 t2i + 2 dual-panel
 def write_dataset(root: Path) -> Path:
     """Tiny images made with PIL plus one bad item of every kind; returns the JSONL description."""
     rng = np.random.default_rng(0)
-    items = []
-    for i in range(6):
-        # Smooth colour fields (not noise), so the tiny random MoVQGAN gives repeated codes.
-        base = rng.integers(0, 255, 3)
-        arr = np.clip(base + np.arange(32)[:, None, None] * rng.integers(-3, 4, 3), 0, 255).astype(np.uint8)
-        Image.fromarray(np.broadcast_to(arr, (32, 32, 3)).copy()).save(root / f"img{i}.png")
-        items.append({"task": "t2i", "prompt": f"a red fox {i}", "image": f"img{i}.png"})
+    items = write_smooth_t2i_items(root, rng)
     Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(root / "tall.png")
     items.append({"task": "pair_depth", "prompt": "blue sky", "image": "img0.png", "second_image": "img1.png"})
     items.append({"task": "control_canny", "prompt": "green tree", "image": "img2.png", "second_image": "tall.png"})
