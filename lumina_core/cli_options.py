@@ -41,6 +41,17 @@ def torch_dtype(name: Optional[str]) -> Any:
     return getattr(torch, full)
 
 
+def gib_budget(text: str) -> float:
+    """argparse type of a memory budget in GiB: a number > 0 (a budget of 0 or less fits nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a memory budget must be more than 0 GiB")
+    return value
+
+
 def _fields(cls: type, only: Optional[Iterable[str]], exclude: Iterable[str]) -> list[dataclasses.Field]:
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = {f.name for f in fields}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_options import DTYPES, torch_dtype
+from .cli_options import DTYPES, gib_budget, torch_dtype
 from .config import ModelConfig
 from .memory import DEFAULT_PROMPT_TOKENS, GIB, MemoryPlanError, estimate, plan
 from .sampling import SamplingConfig
@@ -34,7 +34,7 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="whose weight layouts to count")
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
-    p.add_argument("--budget", type=float, default=None, help="GiB free: plan within it (kv_cache auto may pick fp8)")
+    p.add_argument("--budget", type=gib_budget, default=None, help="GiB free: plan within it (kv_cache auto may pick fp8)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--table", action="store_true", help="print the README table of the 7B rows")
 

@@ -79,3 +79,14 @@ def test_only_and_exclude_select_fields():
     assert "data" not in {a.dest for a in parser._actions}
     with pytest.raises(KeyError):
         _parser(only=["nope"])
+
+
+def test_memory_budget_must_be_a_positive_number_of_gib():
+    import argparse
+
+    from lumina_core.cli_options import gib_budget
+
+    assert gib_budget("11.6") == 11.6
+    for bad, message in (("0", "more than 0 GiB"), ("-1", "more than 0 GiB"), ("abc", "not a number of GiB")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            gib_budget(bad)

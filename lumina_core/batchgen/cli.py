@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..cli_options import DTYPES, add_options, from_args, torch_dtype
+from ..cli_options import DTYPES, add_options, from_args, gib_budget, torch_dtype
 from ..defaults import ModelDefaults
 from ..errors import InputError
 from .items import ItemDefaults, single_item
@@ -80,7 +80,7 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
                    help="a peft LoRA adapter (folder or its .safetensors) at a strength (default 1); repeat to stack")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+    g.add_argument("--memory-budget", type=gib_budget, default=None, metavar="GIB",
                    help="plan each generation within this many GiB (kv_cache auto may take fp8, images run in "
                         "sub-batches); refused with the options that fit when nothing does")
     g.add_argument("--output", default="outputs", help="folder for the PNGs (created; checked before loading)")
