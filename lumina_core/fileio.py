@@ -65,9 +65,10 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def load_torch_file(path: str | os.PathLike, expected: str) -> Any:
+def load_torch_file(path: str | os.PathLike, expected: str, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)` onto the CPU; an empty, truncated, foreign or object-holding file
-    is an InputError that names it and says what was `expected` (the caller checks the file exists)."""
+    is an InputError that names it and says what was `expected` (the caller checks the file exists).
+    `mmap`: map the tensors from the file instead of reading them (for a look at shapes only)."""
     import pickle
 
     import torch
@@ -77,7 +78,7 @@ def load_torch_file(path: str | os.PathLike, expected: str) -> Any:
         size = path.stat().st_size
         if size == 0:
             raise InputError(f"{path} is empty (0 bytes: an interrupted copy or download?); expected {expected}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except InputError:
         raise
     except OSError as error:

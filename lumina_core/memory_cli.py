@@ -9,6 +9,7 @@ import torch
 
 from .cli_options import DTYPES, gib_budget, torch_dtype
 from .config import ModelConfig
+from .fileio import load_torch_file
 from .memory import DEFAULT_PROMPT_TOKENS, GIB, MemoryPlanError, estimate, plan
 from .sampling import SamplingConfig
 
@@ -103,7 +104,7 @@ def folder_facts(folder: Path) -> dict:
     facts: dict = {}
     ckpts = sorted(folder.glob("movqgan*.ckpt"))
     if ckpts:
-        state = torch.load(ckpts[0], map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch_file(ckpts[0], "a MoVQGAN checkpoint (movqgan_270M.ckpt)", mmap=True)
         movq = config_from_state_dict(state.get("state_dict", state))
         facts["movq_config"] = movq
         facts["num_image_codes"] = movq.n_embed

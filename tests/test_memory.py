@@ -280,3 +280,13 @@ def test_pipeline_bf16_decode_holds_the_planned_weights_and_keeps_float32_exact(
         tiny_pipe.decode_dtype = "fp32"
     assert low.dtype == torch.float32 and _psnr(low, full) > 30.0
     assert tiny_pipe.movqgan.codebook.dtype == torch.float32 and torch.equal(tiny_pipe.decode(codes), full)
+
+
+def test_cli_memory_refuses_a_garbage_movqgan_and_a_non_positive_budget(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path / "m", words="red circle")
+    (folder / "movqgan.ckpt").write_bytes(b"\x80not a checkpoint" * 8)
+    run = cli("--model", str(folder), "--json")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith(f"error: {folder / 'movqgan.ckpt'} is not a PyTorch checkpoint"), run.stderr
+    run = cli("--config", "7b", "--budget", "-1")
+    assert run.returncode == 2 and "a memory budget must be more than 0 GiB" in run.stderr
