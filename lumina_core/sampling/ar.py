@@ -34,8 +34,8 @@ def decode_ar(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig
         hidden = batch.prefill(len(job.cond_prefix))
         for t in range(job.first_body, job.body_len):
             if kinds[t] == CODE:
-                probs = batch.probs(hidden, torch.full((n, 1), t, device=device))[:, 0]
-                token = sample_inverse_cdf(probs, rng.uniform(1)[:, 0]) + job.code_offset
+                probs = batch.probs(hidden, t)[:, 0]
+                token = sample_inverse_cdf(probs, rng.uniform(1)[:, 0]).add_(job.code_offset)
                 if trace is not None:
                     trace.append((t, probs))
             else:

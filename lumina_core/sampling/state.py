@@ -112,6 +112,7 @@ class CFGBatch:
         offsets = [0] * num_images + ([pad] * num_images if self.use_cfg else [])
         self.position_offset = torch.tensor(offsets, dtype=torch.long, device=self.device)
         self.pad = pad
+        self.step_offsets: dict[int, torch.Tensor] = {}  # window width -> position id minus cache pointer
         self.head_weight = image_head_weight(model, job.code_offset, job.num_codes)
         self.step_fn = step_fn or model.decode_step
         self.bucket_kv = bucket_kv
@@ -157,7 +158,10 @@ class CFGBatch:
         """Feed tokens [N, n] (the same to both rows of an image); return final hidden states [rows, n, H]."""
         n = tokens.shape[1]
         ids = torch.cat([tokens, tokens]) if self.use_cfg else tokens
-        positions = self.cache.lengths[:, None] + torch.arange(n, device=self.device) - self.position_offset[:, None]
+        offsets = self.step_offsets.get(n)
+        if offsets is None:  # built once per window width: a plain step is mostly a few tiny ops like this one
+            offsets = self.step_offsets[n] = torch.arange(n, device=self.device) - self.position_offset[:, None]
+        positions = self.cache.lengths[:, None] + offsets
         hidden = self.step_fn(ids, position_ids=positions, cache=self.cache, kv_len=self._kv_len(n))
         self.forward_passes += 1
         self.host_pointer = [p + n for p in self.host_pointer]
@@ -178,10 +182,12 @@ class CFGBatch:
             return logits[: self.n], logits[self.n:]
         return logits, None
 
-    def probs(self, hidden: torch.Tensor, body_pos: torch.Tensor) -> torch.Tensor:
-        """The target distribution [N, n, C] at body positions body_pos [N, n] (via `image_probs`)."""
+    def probs(self, hidden: torch.Tensor, body_pos: torch.Tensor | int) -> torch.Tensor:
+        """The target distribution [N, n, C] at body positions body_pos ([N, n], or one int for all rows) (via `image_probs`)."""
         cond, uncond = self.image_logits(hidden)
-        scale = self.guidance_at[body_pos] if self.use_cfg else None
+        scale = None
+        if self.use_cfg:  # one position for every row (plain decoding): a view, no index tensor built per step
+            scale = self.guidance_at[body_pos:body_pos + 1] if isinstance(body_pos, int) else self.guidance_at[body_pos]
         return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
 
     def release(self) -> None:
@@ -201,6 +207,8 @@ class RowRandom:
 
     def uniform(self, count: int) -> torch.Tensor:
         """[N, count] uniforms in [0, 1), row i from generator i."""
+        if len(self.generators) == 1:
+            return torch.rand(1, count, generator=self.generators[0], device=self.device)
         return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators])
 
 
