@@ -3,7 +3,7 @@
     python bench/lora_memory.py [--size 768] [--rank 16] [--loss-chunk 512]
 
 One micro-batch of a 768x768 t2i sample (image tokens from lumina_core.request, plus 128 prompt
-tokens), gradient checkpointing, bf16 / int8 / int4 base. An estimate from the tensor shapes, not
+tokens), gradient checkpointing, bf16 / int8 / int4 base, with and without --offload-activations. An estimate from the tensor shapes, not
 a measurement (no GPU in CI; bench/gpu.sh is where a measurement would go).
 """
 from __future__ import annotations
@@ -30,9 +30,11 @@ def main() -> int:
     config = ModelConfig.preset("7b")
     seq_len = Request(task="t2i", prompt="x", width=args.size, height=args.size).image_tokens + args.prompt_tokens
     rows = {}
-    for base in (None, "int8", "int4"):
-        rows[base or "bf16"] = lora_memory_estimate(config, seq_len, rank=args.rank, base_quant=base,
-                                                    loss_chunk=args.loss_chunk)
+    for offload in (False, True):   # fit --offload-activations: the checkpointed layer inputs in host memory
+        for base in (None, "int8", "int4"):
+            name = (base or "bf16") + (" + offload-activations" if offload else "")
+            rows[name] = lora_memory_estimate(config, seq_len, rank=args.rank, base_quant=base,
+                                              loss_chunk=args.loss_chunk, offload_activations=offload)
     print(json.dumps({"seq_len": seq_len, "rank": args.rank, "loss_chunk": args.loss_chunk, "GiB": rows}, indent=1))
     return 0
 

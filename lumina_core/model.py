@@ -79,7 +79,8 @@ class Attention(nn.Module):
             cache.write(layer, write_pos, k, v)
             out = cache.attend(layer, q, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
+            # mask None: plain causal attention (training): no [n, n] mask in memory, and SDPA's fused kernels apply.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=kv != h)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 
@@ -174,6 +175,8 @@ class LuminaTransformer(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         self.gradient_checkpointing = False
+        # With checkpointing: keep each layer's saved input in host memory (pinned) until backward needs it.
+        self.offload_checkpointed_inputs = False
         self.decode_vocab: DecodeVocabulary | None = None
 
     @property
@@ -253,7 +256,10 @@ class LuminaTransformer(nn.Module):
         if cache is None:
             if position_ids is None:
                 position_ids = torch.arange(n, device=device).expand(b, n)
-            mask = _causal_mask(n, n, torch.zeros(b, dtype=torch.long, device=device), attention_mask, x.dtype)
+            # Without padding information the mask is plain causal: SDPA's is_causal, no tensor (the
+            # 7B's [1, 1, n, n] mask at 768 px is 0.25 GiB, and every checkpointed layer would save it).
+            mask = None if attention_mask is None else \
+                _causal_mask(n, n, torch.zeros(b, dtype=torch.long, device=device), attention_mask, x.dtype)
         else:
             start = cache.lengths
             write_pos = start[:, None] + torch.arange(n, device=device)
@@ -269,12 +275,25 @@ class LuminaTransformer(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = self._checkpointed(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, cache, i, write_pos)
         if cache is not None:
             cache.lengths.add_(n)  # in place, so the step can be captured in a CUDA graph
         return self.model.norm(x)
+
+
+    def _checkpointed(self, layer: nn.Module, *inputs) -> torch.Tensor:
+        """One layer under activation checkpointing: only its inputs are saved, the rest is recomputed in backward.
+
+        With `offload_checkpointed_inputs` the saved inputs go to host memory: torch's `save_on_cpu`
+        packs exactly what the checkpoint saves (the layer's inputs; the checkpoint's own hooks take
+        over inside the layer), so at most one layer's input is back on the device during backward.
+        """
+        if not self.offload_checkpointed_inputs:
+            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+        with torch.autograd.graph.save_on_cpu(pin_memory=inputs[0].is_cuda):
+            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
 
 
 def _causal_mask(n: int, kv_len: int, start: torch.Tensor, key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -117,6 +117,73 @@ def test_lora_trains_through_a_frozen_quantized_base(tmp_path, quant, size):
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in tensors.items())
 
 
+class RecordingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+    """torch's save_on_cpu, recording the shape and bytes of every tensor it moves to host memory."""
+
+    packed: list[tuple[tuple[int, ...], int]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        pack = self.pack_hook
+
+        def recording_pack(tensor):
+            RecordingSaveOnCpu.packed.append((tuple(tensor.shape), tensor.numel() * tensor.element_size()))
+            return pack(tensor)
+
+        self.pack_hook = recording_pack
+
+
+def test_offloaded_activations_give_the_same_run_and_move_exactly_the_layer_inputs(tiny, trained, tmp_path,
+                                                                                  monkeypatch):
+    from lumina_core.config import ModelConfig
+    from lumina_core.train.lora import checkpointed_input_bytes
+
+    RecordingSaveOnCpu.packed = []
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", RecordingSaveOnCpu)
+    out = tmp_path / "offloaded"
+    fit(lora_options(tiny, out, offload_activations=True))
+    # The same losses and adapters as the run that kept the checkpointed inputs where they were.
+    a, b = read_log(trained["out"]), read_log(out)
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    wa = load_file(str(latest_checkpoint(trained["out"]) / MODEL_FILE))
+    wb = load_file(str(latest_checkpoint(out) / MODEL_FILE))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # What went to host memory: per layer and micro-batch its input [B, L, H] and RoPE cos / sin [B, L, D],
+    # nothing else (no mask: training attention is plain causal), as the memory estimate counts it.
+    config = ModelConfig.from_pretrained(tiny["model"])
+    layers, steps = config.num_hidden_layers, 6
+    packed = RecordingSaveOnCpu.packed
+    assert len(packed) == 3 * layers * steps
+    for i in range(0, len(packed), 3):
+        (hidden, nbytes), cos, sin = packed[i:i + 3]
+        b_, l_, h_ = hidden
+        assert h_ == config.hidden_size and cos[0] == sin[0] == (b_, l_, config.head_dim)
+        assert nbytes + cos[1] + sin[1] == checkpointed_input_bytes(config, b_ * l_, element_size=4)
+
+
+def test_offload_activations_needs_gradient_checkpointing(tiny, tmp_path, capsys):
+    args = cli_fit_args(lora_options(tiny, tmp_path / "r")) + ["--offload-activations", "--no-grad-checkpointing"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --offload-activations") and "Traceback" not in err
+
+
+def test_lora_memory_estimate_7b_fits_24_and_16_gib_cards():
+    """The README's figures: rank 16, 768 px, micro-batch 1, checkpointing; int8 base needs the offload for <= 14 GiB."""
+    from lumina_core.config import ModelConfig
+    from lumina_core.request import Request
+    from lumina_core.train.lora import lora_memory_estimate
+
+    seq = Request(task="t2i", prompt="x", width=768, height=768).image_tokens + 128
+    est = {(q, o): lora_memory_estimate(ModelConfig.preset("7b"), seq, rank=16, base_quant=q, loss_chunk=512,
+                                        offload_activations=o) for q in (None, "int8") for o in (False, True)}
+    assert est[None, False]["with_context"] <= 22.0
+    assert est["int8", True]["with_context"] <= 14.0 < est["int8", False]["with_context"]
+    assert est["int8", True]["host_checkpointed_inputs"] == est[None, True]["host_checkpointed_inputs"] > 2.0
+
+
 def cli_fit_args(opts: FitOptions) -> list[str]:
     return ["fit", "--data", opts.data, "--out", opts.out, "--init-from", opts.init_from, "--steps", str(opts.steps),
             "--lr", str(opts.lr), "--min-lr", str(opts.min_lr), "--warmup-steps", str(opts.warmup_steps),

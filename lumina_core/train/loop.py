@@ -85,10 +85,13 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
 class TrainingModule(nn.Module):
     """Transformer + loss in one forward, so FSDP's root hooks cover the embeddings and lm_head."""
 
-    def __init__(self, transformer: LuminaTransformer, loss_chunk: int = 4096) -> None:
+    def __init__(self, transformer: LuminaTransformer, loss_chunk: int = 4096, grad_checkpointing: bool = False,
+                 offload_activations: bool = False) -> None:
         super().__init__()
         self.transformer = transformer
         self.loss_chunk = loss_chunk
+        transformer.gradient_checkpointing = grad_checkpointing
+        transformer.offload_checkpointed_inputs = offload_activations
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.transformer.hidden_states(input_ids)
@@ -141,8 +144,7 @@ def build_training_module(cfg: ModelConfig, opts: FitOptions, info: RankInfo, in
         return build_lora_training_module(cfg, opts, info.device)
     with torch.device("meta"):
         transformer = build_transformer(cfg)
-    transformer.gradient_checkpointing = opts.grad_checkpointing
-    module = TrainingModule(transformer, opts.loss_chunk)
+    module = TrainingModule(transformer, opts.loss_chunk, opts.grad_checkpointing, opts.offload_activations)
     if info.distributed:
         shard_model(module, transformer.model.layers, opts.dtype if opts.dtype != torch.float32 else None)
     module.to_empty(device=info.device)

@@ -96,8 +96,7 @@ def build_lora_training_module(cfg: ModelConfig, opts: Any, device: torch.device
         if ".lora_" in name:
             p.data = p.data.float()
             p.requires_grad_(True)
-    transformer.gradient_checkpointing = opts.grad_checkpointing
-    module = TrainingModule(transformer, opts.loss_chunk)
+    module = TrainingModule(transformer, opts.loss_chunk, opts.grad_checkpointing, opts.offload_activations)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     logger.info("LoRA rank %d (alpha %g) on %s: %d trainable parameters; base %s%s", opts.lora_rank,
                 lora_alpha(opts), ",".join(opts.targets), trainable, str(base_dtype).removeprefix("torch."),
@@ -273,16 +272,24 @@ GRADIENT_IN_FLIGHT = 1.5   # the layer's activation gradients live beside its sa
 CUDA_CONTEXT_BYTES = GIB // 2   # CUDA context + cuBLAS workspace, outside torch's allocator
 
 
+def checkpointed_input_bytes(config: ModelConfig, tokens: int, element_size: int = 2) -> int:
+    """Bytes one checkpointed decoder layer saves: its input hidden states [tokens, H] and RoPE cos / sin [tokens, D]."""
+    return tokens * (config.hidden_size + 2 * config.head_dim) * element_size
+
+
 def lora_memory_estimate(config: ModelConfig, seq_len: int, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS,
                          micro_batch: int = 1, base_quant: str | None = None, loss_chunk: int = 1024,
-                         grad_checkpointing: bool = True, include_lm_head: bool = False) -> dict[str, float]:
+                         grad_checkpointing: bool = True, include_lm_head: bool = False,
+                         offload_activations: bool = False) -> dict[str, float]:
     """Peak device memory (GiB) of one LoRA training step, by part; `total` adds them, `with_context` adds CUDA's own.
 
     Base in bf16, or int8 / int4 weight-only for the decoder layers' linears (embeddings, norms and
     lm_head stay bf16 unless `include_lm_head`); adapters fp32 with grads and AdamW moments (16 B per
-    parameter); gradient checkpointing keeps one [tokens, H] bf16 input per layer and recomputes one
-    layer at a time; the loss projects `loss_chunk`
-    positions to the vocabulary at a time (bf16 product, float32 logits and their gradient).
+    parameter); gradient checkpointing keeps each layer's inputs (the [tokens, H] hidden states and
+    the RoPE cos/sin tables, bf16) and recomputes one layer at a time; with `offload_activations`
+    those inputs wait in host memory (`host_checkpointed_inputs`, not in `total`) and one layer's
+    are back on the device; attention is plain causal (no mask tensor); the loss projects
+    `loss_chunk` positions to the vocabulary at a time (bf16 product, float32 logits and their gradient).
     """
     h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
@@ -295,14 +302,18 @@ def lora_memory_estimate(config: ModelConfig, seq_len: int, rank: int = 16, targ
     adapters = n * sum(rank * (a + b) for name, (a, b) in shapes.items() if name in targets) * 16.0
     tokens = seq_len * micro_batch
     layer_working = tokens * (LAYER_SAVED_H * h + LAYER_SAVED_I * i) * 2.0 * GRADIENT_IN_FLIGHT
-    checkpointed = n * tokens * h * 2.0
+    one_layer_inputs = checkpointed_input_bytes(config, tokens)
+    rope_tables = one_layer_inputs - tokens * h * 2.0
+    checkpointed, host = n * (one_layer_inputs - rope_tables) + rope_tables, 0.0   # all layers share one cos / sin
     if not grad_checkpointing:
         checkpointed, layer_working = n * layer_working / GRADIENT_IN_FLIGHT, layer_working
-    mask = micro_batch * seq_len * seq_len * (2.0 + 1.0)            # additive bf16 mask + its boolean
+    elif offload_activations:   # each layer's pack copies its inputs, the shared tables included
+        checkpointed, host = one_layer_inputs, n * one_layer_inputs
     loss = min(loss_chunk, tokens) * v * (2.0 + 4.0 + 4.0) + tokens * h * 2.0   # + the final hidden states
     parts = {"base_weights": base, "adapters_and_adamw": adapters, "checkpointed_inputs": checkpointed,
-             "one_layer_recomputed": layer_working, "attention_mask": mask, "loss_chunk": loss}
+             "one_layer_recomputed": layer_working, "loss_chunk": loss}
     out = {k: round(b / GIB, 2) for k, b in parts.items()}
     out["total"] = round(sum(parts.values()) / GIB, 2)
     out["with_context"] = round((sum(parts.values()) + CUDA_CONTEXT_BYTES) / GIB, 2)
+    out["host_checkpointed_inputs"] = round(host / GIB, 2)
     return out

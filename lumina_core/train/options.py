@@ -46,6 +46,8 @@ class FitOptions:
     precision: Precision = _opt("bf16", "bf16: autocast with float32 master weights")
     grad_checkpointing: bool = _opt(True, "recompute each layer's activations in backward (--no-grad-checkpointing "
                                           "keeps them all: more memory)")
+    offload_activations: bool = _opt(False, "with checkpointing: keep each layer's saved input in host memory "
+                                            "(pinned) until backward (7B, 768 px: 2.3 GiB less on the GPU)")
     loss_chunk: int = _opt(4096, "positions per chunk of the vocabulary projection")
     seed: int = _opt(0, "seed of the data order, dropout and initial weights")
     save_every: int = _opt(1000, "checkpoint every N steps (and at the end)")
@@ -92,6 +94,9 @@ class FitOptions:
             raise InputError(f"--steps must be >= 1 and --epochs > 0, got {self.steps} and {self.epochs}")
         if self.stop_after is not None and self.stop_after < 1:
             raise InputError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.offload_activations and not self.grad_checkpointing:
+            raise InputError("--offload-activations moves the checkpointed layer inputs to host memory; it needs "
+                             "gradient checkpointing (drop --no-grad-checkpointing)")
         if self.lora_rank is not None or self.base_quant is not None:
             from .lora import check_lora_options
 
