@@ -405,6 +405,30 @@ def test_the_demo_draws_what_the_prompt_asks(server, task):
         assert sum(right) >= 3, (task, right)  # a random image passes about 3 % of the time
 
 
+@needs_demo
+def test_the_lora_workflow_teaches_the_demo_a_bar(server):
+    """The shipped LoRA workflow on the demo, with the pack's demo adapter: bars at strength 1, none at 0."""
+    from lumina_core.demo import checker, data
+    from lumina_core.lora import BUILTIN_LORA_DIR
+
+    prompt = on_demo(wt.workflow_name("t2i_lora"))
+    lora_node = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2LoRA")
+    assert (BUILTIN_LORA_DIR / lora_node["inputs"]["lora_name"]).is_file()   # the shipped one, as the Note says
+    composer = next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2DualPanelComposer")
+    caption = data.parse_caption(composer["inputs"]["prompt"])
+    assert caption.first.shape == "bar"
+    next(n for n in prompt.values() if n["class_type"] == "LuminaMGPT2ARSamplerSJD")["inputs"]["batch_size"] = 8
+    bars = {}
+    for strength in (1.0, 0.0):
+        lora_node["inputs"]["strength"] = strength
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+        images = saved_images(server, prompt, entry)
+        assert len(images) == 8
+        bars[strength] = sum(checker.check_image(im, caption).ok_with_shape for im in images)
+    assert bars[1.0] >= 3 and bars[0.0] == 0, bars
+
+
 UI_DIR = REPO / "workflows"
 SCREENSHOT = os.environ.get("LUMINA_SCREENSHOT", "")
 

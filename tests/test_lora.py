@@ -264,6 +264,17 @@ def test_exported_adapter_is_peft_format_and_loads_in_plain_peft(tiny, trained):
     assert torch.allclose(ours, theirs, atol=1e-5)    # exactly as peft applies it
 
 
+def test_exported_adapter_names_its_base_folder_without_the_path(tiny, trained):
+    """The adapter is made to be shared: its config names the base folder ('model'), not where it sat on this disk."""
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == Path(tiny["model"]).name == "model"
+    from safetensors import safe_open
+
+    with safe_open(str(trained["adapter"] / "adapter_model.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["adapter_config"])["base_model_name_or_path"] == "model"
+    assert str(tiny["root"]) not in (trained["adapter"] / "adapter_model.safetensors").read_bytes().decode("latin-1")
+
+
 def test_export_merge_writes_an_official_folder_equal_to_the_applied_adapter(tiny, trained, tmp_path):
     merged = tmp_path / "merged"
     assert train_main(["export", str(trained["out"]), "--out", str(merged), "--merge", "--dtype", "float32"]) == 0
@@ -312,6 +323,42 @@ def test_strength_stacking_and_removal(tiny, tmp_path):
         pipe.unload_loras()
         assert pipe.transformer.model.layers[0].self_attn.q_proj is q_proj   # the base module itself is back
         assert torch.equal(pipe.transformer(ids), base)
+
+
+SHIPPED_DEMO_LORA = lora.BUILTIN_LORA_DIR / "demo_bar"
+BAR_PROMPTS = ("a blue bar in the bottom left", "a red bar in the top right", "a yellow bar in the center")
+
+
+def test_shipped_demo_adapter_teaches_the_demo_the_bar_it_never_saw():
+    """bench/lora_demo.py's adapter (rank 8, 1,500 steps, 8 CPU minutes): bars with it, none without.
+
+    "bar" is a word the demo never read (its tokenizer gives <unk>); the last two prompts are held-out
+    combinations of the bench (never trained on). Fixed seeds; scored from pixels by the demo's checker.
+    """
+    from lumina_core.demo import checker, data
+    from lumina_core.images import tensor_to_uint8
+    from lumina_core.request import Request
+    from lumina_core.sampling import SamplingConfig
+
+    config = json.loads((SHIPPED_DEMO_LORA / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "demo" and config["r"] == 8
+    assert (SHIPPED_DEMO_LORA / "adapter_model.safetensors").stat().st_size < 2_000_000
+    pipe = LuminaPipeline.from_pretrained("demo", device="cpu")
+
+    def bars(p) -> int:
+        count = 0
+        for i, text in enumerate(BAR_PROMPTS):
+            out = p.generate(Request(task="t2i", prompt=text, width=64, height=64),
+                             SamplingConfig(seed=40 + i, num_images=8, **p.defaults.sampling()))  # cfg 1.5, top-k 50
+            caption = data.parse_caption(text)
+            count += sum(checker.check_image(im, caption).ok_with_shape for im in tensor_to_uint8(p.decode(out)).numpy())
+        return count
+
+    with_adapter = LuminaPipeline.from_pretrained("demo", device="cpu")
+    with_adapter.load_lora(SHIPPED_DEMO_LORA, 1.0)
+    assert bars(pipe) == 0
+    taught = bars(with_adapter)
+    assert taught >= 12   # of 24
 
 
 def test_a_pipe_with_a_lora_leaves_the_base_pipe_alone(tiny, tmp_path):
@@ -491,7 +538,10 @@ def test_lora_node_lists_files_stacks_and_leaves_the_input_pipe_alone(tiny, lora
     node = pack.NODE_CLASS_MAPPINGS["LuminaMGPT2LoRA"]()
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["LuminaMGPT2LoRA"] == "Lumina-mGPT 2.0 LoRA"
     names = node.INPUT_TYPES()["required"]["lora_name"][0]
-    assert names == ["fox/adapter_model.safetensors", "sky/adapter_model.safetensors"]
+    # The user's files, and the demo adapter the pack ships (lumina_core/assets/demo_loras).
+    assert names == ["demo_bar/adapter_model.safetensors", "fox/adapter_model.safetensors",
+                     "sky/adapter_model.safetensors"]
+    names = names[1:]
     pipe = importlib.import_module(pack.__name__ + ".lumina_core.pipeline").LuminaPipeline.from_pretrained(
         str(tiny["model"]), device="cpu")
     ids = ids_batch()

@@ -168,6 +168,14 @@ def is_lora_checkpoint(state: dict[str, Any]) -> bool:
     return bool((state.get("options") or {}).get("lora_rank"))
 
 
+def shareable_base_name(init_from: str | None) -> str | None:
+    """The base model as an adapter file names it: a local folder by its name only (a path would tell everyone
+    who gets the file how your disk is laid out), a hub id or 'demo' as given."""
+    if init_from and Path(init_from).expanduser().is_dir():
+        return Path(init_from).expanduser().resolve().name
+    return init_from
+
+
 def export_adapter(checkpoint: Path, state: dict[str, Any], out: str | Path,
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (peft format) from a LoRA checkpoint."""
@@ -178,7 +186,7 @@ def export_adapter(checkpoint: Path, state: dict[str, Any], out: str | Path,
     config = adapter_config_dict(rank=options["lora_rank"],
                                  alpha=options["lora_alpha"] if options.get("lora_alpha") else options["lora_rank"],
                                  dropout=options.get("lora_dropout", 0.0), targets=[t for t in str(options["lora_targets"]).split(",") if t],
-                                 base_model=options.get("init_from"))
+                                 base_model=shareable_base_name(options.get("init_from")))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     # The config also rides in the file's metadata, so a lone .safetensors (models/loras) still loads.
