@@ -19,8 +19,8 @@ def decode_ar(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig
     """Sample one image per seed token by token; return (codes [N, rows, cols], stats).
 
     Forced positions (new line, end) are filled without sampling and without LM-head work; each
-    image draws exactly one uniform per code position from its own generator, so its result does
-    not depend on the other images in the batch. `trace` (tests) collects (body_pos, probs [N, C]).
+    image draws exactly one uniform per code position from its own generator (all at the start), so
+    its result does not depend on the other images in the batch. `trace` (tests) collects (body_pos, probs [N, C]).
     """
     started = time.perf_counter()
     n = len(seeds)
@@ -30,12 +30,18 @@ def decode_ar(model: LuminaTransformer, job: DecodeJob, sampling: SamplingConfig
     kinds = body_kinds(job, device).tolist()
     body = initial_body(job, n, device)
     reporter = Reporter(job, progress, should_cancel)
+    # Every code position's uniform, drawn up front: one tensor op instead of one per token. On CPU these
+    # are the very numbers one draw per step gives (torch's CPU generator streams them in order); CUDA's
+    # Philox draws blocks per call, so there a seed gives other (equally independent) uniforms than before.
+    uniforms = rng.uniform(sum(kind == CODE for kind in kinds[job.first_body:]))
+    drawn = 0
     try:
         hidden = batch.prefill(len(job.cond_prefix))
         for t in range(job.first_body, job.body_len):
             if kinds[t] == CODE:
                 probs = batch.probs(hidden, t)[:, 0]
-                token = sample_inverse_cdf(probs, rng.uniform(1)[:, 0]).add_(job.code_offset)
+                token = sample_inverse_cdf(probs, uniforms[:, drawn]).add_(job.code_offset)
+                drawn += 1
                 if trace is not None:
                     trace.append((t, probs))
             else:
