@@ -492,6 +492,12 @@ def bad_input_cases(setup, tmp_path) -> dict[str, tuple[list[str], str]]:
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("hello")
     model, movq = str(setup["model"]), str(setup["model"] / TINY_MOVQGAN_FILE)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(setup["root"] / "img0.png").save(images / "only.png")
+    damaged_vq_run = tmp_path / "damaged_vq_run"
+    damaged_vq_run.mkdir()
+    (damaged_vq_run / "vq_state.pt").write_bytes(b"PK\x03\x04 cut short")   # an interrupted run's state, cut
     fit_args = ["fit", "--out", str(tmp_path / "run"), "--init-from", model, "--steps", "1"]
     return {
         "fit --data on an empty folder": (fit_args + ["--data", str(empty)], "not a folder written by `prepare`"),
@@ -511,6 +517,9 @@ def bad_input_cases(setup, tmp_path) -> dict[str, tuple[list[str], str]]:
             ["prepare", str(setup["description"]), "--out", str(tmp_path / "p"), "--tokenizer", "demo",
              "--movqgan", movq, "--target-size", "64"], "give the pair made together"),
         "vq on an empty folder": (["vq", str(empty), "--out", str(tmp_path / "vq")], "no images found"),
+        "vq resuming from a damaged vq_state.pt": (
+            ["vq", str(images), "--out", str(damaged_vq_run), "--steps", "2", "--size", "32"],
+            "vq_state.pt is truncated or corrupted"),
     }
 
 

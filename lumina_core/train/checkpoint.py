@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, load_torch_file
 from ..dist import RankInfo, barrier, gather
 from .distributed import broadcast_object
 from .files import folder_mode, remove_stale_temp_folders, save_safetensors, writing
@@ -200,7 +200,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         if not (folder / name).is_file():
             return f"no {name}"
         try:  # mmap: the zip directory is read, the tensors (GBs for the optimizer) are not
-            torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            load_torch_file(folder / name, "a training checkpoint's state", mmap=True)
         except Exception as e:  # noqa: BLE001
             return f"{name} is unreadable ({_one_line(e)})"
     if sharded:
@@ -412,11 +412,11 @@ def load_checkpoint(folder: Path, module: nn.Module, optimizer: torch.optim.Opti
 
         reads = info.is_main or not info.distributed  # other ranks receive broadcasts instead of reading files
         load_full_model_state(module, load_file(str(folder / MODEL_FILE)) if reads else {}, info)
-        optim_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True) if reads else {}
+        optim_state = load_torch_file(folder / OPTIMIZER_FILE, "the optimizer state") if reads else {}
         set_optimizer_state_dict(module, optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed))
-    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    rngs = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
+    scheduler.load_state_dict(load_torch_file(folder / SCHEDULER_FILE, "the scheduler state"))
+    rngs = load_torch_file(folder / RNG_FILE, "the random generators' state")["ranks"]
     if len(rngs) == info.world_size:
         set_rng_state(rngs[info.rank], info.device)
     else:

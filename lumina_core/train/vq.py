@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, load_torch_file
 from .files import writing
 from .options import PRECISION_DTYPES, Precision
 
@@ -197,7 +197,7 @@ def train_vq(opts: VQOptions) -> Path:
     step = 0
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_torch_file(state_path, "the state of an interrupted `vq` run")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         usage = state["usage"]
