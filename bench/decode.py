@@ -235,7 +235,7 @@ def step_cost(name: str, shape: dict, args) -> dict:
     for decoder, n in (("plain", 1), ("sjd", args.window), ("coupled", args.window)):
         bare_ms = 1e3 * out["bare1" if n == 1 else "bare_w"]
         print(f"  {decoder:7s} step {1e3 * out[decoder]:7.2f} ms (bare forward + head [2,{n}] alone {bare_ms:7.2f} ms); "
-              f"step / its own forward + head: {out[decoder + '_ratio']:.2f}x")
+              f"step / its own forward + head: {out[decoder + '_ratio']:.3f}x")
     return out
 
 
