@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (about 6 minutes on an H200): a 7B-shaped random model at 768x768
+# One prepared run for a lent GPU (about 8 minutes on an H200): a 7B-shaped random model at 768x768
 # (9,316 tokens) in bf16 / int8 / int4 / fp8 x plain / SJD (SJD keeps a fixed 2.2 tokens/step for timing),
 # each decode step replayed from CUDA graphs (the pipeline's CUDA default). Per line: ms per step at the
 # mean KV length, s per image, ratio to the bandwidth limit (bytes read per step / 4.8 TB/s), peak memory
 # and the CUDA-graph capture time per image. Then the linear layers alone for every kernel this machine
 # can run (2 and 32 rows), bf16 compiled + graphs, and the real CLI end to end on the embedded demo model
-# on CUDA with and without CUDA graphs (the images must be identical).
+# on CUDA with and without CUDA graphs (the images must be identical); then a 7B LoRA step's peak memory.
 # Goals on one H200 (issue 13): bf16 plain <= 45 s (4.8 ms/step), SJD <= 25 s; int4 or fp8 plain <= 30 s,
 # SJD <= 15 s; every step within 1.3x of its bandwidth limit; capture <= 2 % of an image.
 # torchao is not on the device image: carry its wheel in .whl (see the device notes) and set PYTHONPATH.
@@ -42,3 +42,6 @@ for eager, graphs in (("/tmp/demo_cuda--no-cuda-graphs", "/tmp/demo_cuda"),
 PYEOF
 # fp8 against bf16 KV cache (issue 12 item 1, issue 13 item 3): one layer's attention, then the compiled step.
 run 300 "$PY" bench/gpu_kv.py
+# A 7B LoRA step's peak memory against the train-side estimate (issue 17: <= 22 GiB bf16 base, <= 14 GiB int8).
+run 150 "$PY" bench/gpu_lora.py --base bf16
+run 150 "$PY" bench/gpu_lora.py --base int8 --offload-activations

@@ -66,3 +66,22 @@ def test_gpu_script_calls_only_existing_options():
     script = (BENCH.parent / "gpu.sh").read_text()
     for flag in ("--quant", "--cuda-graphs", "--reps", "--linear-table", "--compile"):
         assert flag in script and flag in BENCH.read_text()
+
+
+@pytest.mark.parametrize("base", ["bf16", "int8"])
+def test_lora_memory_step_runs_and_reports_the_estimate(base, capsys):
+    """bench/gpu_lora.py on a tiny model on CPU: the same attach_lora, two optimizer steps, one JSON line."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_lora", BENCH.parent / "gpu_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--config", "tiny", "--device", "cpu", "--size", "64", "--base", base, "--offload-activations"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == out and out["measured_peak_GiB"] is None   # no allocator peak on CPU
+    from lumina_core.request import Request
+
+    assert out["seq_len"] == Request(task="t2i", prompt="x", width=64, height=64).image_tokens + 128
+    assert out["estimate_parts_GiB"]["host_checkpointed_inputs"] >= 0 and 0 < out["loss"] < 20
+    script = (BENCH.parent / "gpu.sh").read_text()
+    assert "bench/gpu_lora.py --base bf16" in script and "bench/gpu_lora.py --base int8 --offload-activations" in script

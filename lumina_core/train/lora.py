@@ -70,20 +70,30 @@ def peft_config(opts: Any):
                       target_modules=list(opts.targets), bias="none")
 
 
+def lora_base_dtype(opts: Any) -> torch.dtype:
+    """The frozen base's storage dtype: bf16 when training in bf16 (autocast), else fp32."""
+    return torch.bfloat16 if opts.precision == "bf16" else torch.float32
+
+
 def build_lora_training_module(cfg: ModelConfig, opts: Any, device: torch.device) -> nn.Module:
     """The training wrapper around a frozen base from --init-from with fresh adapters injected by peft.
 
-    The base is stored in bf16 when training in bf16 (autocast), else fp32, and optionally quantized
-    (int8 / int4 weight-only); adapters are fp32 master weights. lm_head and embeddings stay frozen.
+    The base is stored in `lora_base_dtype` and optionally quantized (int8 / int4 weight-only);
+    adapters are fp32 master weights. lm_head and embeddings stay frozen.
     """
+    from ..weights import load_transformer
+
+    # Quantized layer by layer as it loads (int8 / int4 weight-only), so the bf16 base never sits whole in memory.
+    transformer = load_transformer(opts.init_from, dtype=lora_base_dtype(opts), device=device, quant=opts.base_quant)
+    return attach_lora(transformer, cfg, opts)
+
+
+def attach_lora(transformer: nn.Module, cfg: ModelConfig, opts: Any) -> nn.Module:
+    """Freeze a loaded (maybe quantized) base, inject fresh peft adapters (fp32), wrap it for training."""
     from peft import inject_adapter_in_model
 
-    from ..weights import load_transformer
     from .loop import TrainingModule
 
-    base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
-    # Quantized layer by layer as it loads (int8 / int4 weight-only), so the bf16 base never sits whole in memory.
-    transformer = load_transformer(opts.init_from, dtype=base_dtype, device=device, quant=opts.base_quant)
     transformer.config = cfg  # the same architecture, with the training overrides (dropout, z-loss)
     for layer in transformer.model.layers:
         layer.dropout.p = cfg.dropout
@@ -99,8 +109,8 @@ def build_lora_training_module(cfg: ModelConfig, opts: Any, device: torch.device
     module = TrainingModule(transformer, opts.loss_chunk, opts.grad_checkpointing, opts.offload_activations)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     logger.info("LoRA rank %d (alpha %g) on %s: %d trainable parameters; base %s%s", opts.lora_rank,
-                lora_alpha(opts), ",".join(opts.targets), trainable, str(base_dtype).removeprefix("torch."),
-                f" + {opts.base_quant}" if opts.base_quant else "")
+                lora_alpha(opts), ",".join(opts.targets), trainable,
+                str(lora_base_dtype(opts)).removeprefix("torch."), f" + {opts.base_quant}" if opts.base_quant else "")
     return module.train()
 
 
