@@ -114,6 +114,13 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def check_lora_args(specs: Iterable[str] | None) -> None:
+    """Every ``--lora PATH[:STRENGTH]`` names a readable-looking adapter: checked before the model loads,
+    so a wrong path fails in a second, not after minutes of loading (the files are read when applied)."""
+    for spec in specs or ():
+        _adapter_files(Path(parse_lora_arg(spec)[0]))
+
+
 def load_lora_args(pipe, specs: Iterable[str] | None):
     """Apply every ``--lora PATH[:STRENGTH]`` of a command line to a pipeline, in order; returns it."""
     for spec in specs or ():
@@ -131,8 +138,18 @@ def lora_labels(specs: Iterable[str]) -> list[str]:
     return labels
 
 
+def shipped_adapters() -> list[str]:
+    """Names of the adapters that ship with the pack (folders of BUILTIN_LORA_DIR), e.g. 'demo_bar'."""
+    if not BUILTIN_LORA_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_LORA_DIR.iterdir() if (p / ADAPTER_WEIGHTS_FILE).is_file())
+
+
 def _adapter_files(path: Path) -> tuple[Path, Optional[Path]]:
-    """(weights file, config file or None) of an adapter folder or a lone .safetensors file."""
+    """(weights file, config file or None) of an adapter folder or a lone .safetensors file; a bare name that
+    is no file here but a shipped adapter's (`shipped_adapters`) means that one, as `--model demo` does."""
+    if not path.exists() and str(path) in shipped_adapters():
+        path = BUILTIN_LORA_DIR / str(path)
     if path.is_dir():
         weights = path / ADAPTER_WEIGHTS_FILE
         if not weights.is_file():
@@ -142,7 +159,9 @@ def _adapter_files(path: Path) -> tuple[Path, Optional[Path]]:
     elif path.is_file():
         weights = path
     else:
-        raise InputError(f"LoRA adapter not found: {path}")
+        shipped = ", ".join(shipped_adapters()) or "none"
+        raise InputError(f"LoRA adapter not found: {path} (give an adapter folder or its .safetensors file; "
+                         f"shipped with the pack, by name: {shipped})")
     if weights.suffix != ".safetensors":
         raise InputError(f"{weights.name}: LoRA files must be .safetensors (pickled .bin/.pt/.ckpt files are "
                          "refused, never unpickled)")

@@ -451,6 +451,27 @@ def test_generate_cli_takes_lora_path_and_strength(tiny, tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_generate_cli_takes_a_shipped_adapter_by_name(tmp_path, monkeypatch, capsys):
+    """`--lora demo_bar` (no such file here) is the adapter shipped with the pack, as `--model demo` is the demo;
+    an unknown name is one line that lists the shipped ones."""
+    from lumina_core.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", "demo", "--prompt", "a blue bar in the bottom left", "--num-images", "1",
+                 "--output", str(out), "--lora", "demo_bar:0.9", "--no-progress"]) == 0
+    assert json.loads(Image.open(next(out.glob("*.png"))).text["lumina_mgpt2"])["loras"] == ["demo_bar:0.9"]
+    # A wrong --lora fails before the model loads (minutes for the 7B).
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --lora was checked")
+
+    monkeypatch.setattr(LuminaPipeline, "from_pretrained", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "demo", "--prompt", "x", "--output", str(tmp_path / "o2"), "--lora", "no_such_lora"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "LoRA adapter not found: no_such_lora" in err and "demo_bar" in err, err
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 

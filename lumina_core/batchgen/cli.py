@@ -147,8 +147,9 @@ def _options(args: argparse.Namespace, layout: str, device: str, defaults: ItemD
         verifiers = {name: get_verifier(name, auto_download=args.download, device=device) for name in names}
     settings = {"model": str(args.model), "dtype": args.dtype, "quant": args.quant, "verifiers": names}
     if args.lora:
-        from ..lora import lora_labels
+        from ..lora import check_lora_args, lora_labels
 
+        check_lora_args(args.lora)
         settings["loras"] = lora_labels(args.lora)
     return BatchOptions(layout=layout, defaults=defaults, sampling=sampling, settings=settings, think=think,
                         best_of=args.best_of, verifiers=verifiers, progress=not args.no_progress,
