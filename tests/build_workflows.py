@@ -251,7 +251,7 @@ MAKE_DEMO_LORA = ("python bench/lora_demo.py --out /tmp/lora_demo (about 15 CPU 
 LORA_DEMO_NOTE = (
     f"switch the Loader to demo and queue as it is: the LoRA node is set to {DEMO_LORA}, the adapter shipped "
     f"with the pack (lumina_core/assets/demo_loras/{DEMO_LORA_FOLDER}/, nothing to copy; listed after the files "
-    "of models/loras). bench/lora_demo.py trained it (rank 8, 1,500 steps in 8 CPU minutes) to teach the demo a "
+    "of models/loras). bench/lora_demo.py trained it (rank 8, 1,500 steps in 8.4 CPU minutes) to teach the demo a "
     "shape it never saw, a bar (a flat rectangle): the prompt asks for one; compare strength 1 with 0 (no bar), "
     "or try another colour and position. Your own "
     "adapter file goes in ComfyUI/models/loras (or models/lumina_mgpt2/loras); on the 7B pick one trained for "
@@ -262,7 +262,7 @@ LORA_DEMO_NOTE = (
 
 # Prompts the demo draws right most of the time (and the 7B draws too).
 DEMO_T2I_PROMPT = "a blue square in the bottom right"
-# The shipped demo adapter's lesson: drawn as a bar in 7 of 8 checked images with it (strength 1), in none without.
+# The shipped demo adapter's lesson: drawn as a bar in 8 of 8 checked images with it (strength 1), in none without.
 DEMO_LORA_PROMPT = "a blue bar in the bottom left" if DEMO_LORA_SHIPPED else DEMO_T2I_PROMPT
 DEMO_PANEL_PROMPT = "a green circle in the top left"
 

@@ -330,7 +330,7 @@ BAR_PROMPTS = ("a blue bar in the bottom left", "a red bar in the top right", "a
 
 
 def test_shipped_demo_adapter_teaches_the_demo_the_bar_it_never_saw():
-    """bench/lora_demo.py's adapter (rank 8, 1,500 steps, 8 CPU minutes): bars with it, none without.
+    """bench/lora_demo.py's adapter (rank 8, 1,500 steps, 8.4 CPU minutes): bars with it, none without.
 
     "bar" is a word the demo never read (its tokenizer gives <unk>); the last two prompts are held-out
     combinations of the bench (never trained on). Fixed seeds; scored from pixels by the demo's checker.
@@ -358,7 +358,7 @@ def test_shipped_demo_adapter_teaches_the_demo_the_bar_it_never_saw():
     with_adapter.load_lora(SHIPPED_DEMO_LORA, 1.0)
     assert bars(pipe) == 0
     taught = bars(with_adapter)
-    assert taught >= 12   # of 24
+    assert taught >= 14   # of 24 (18 when the adapter shipped)
 
 
 def test_a_pipe_with_a_lora_leaves_the_base_pipe_alone(tiny, tmp_path):

@@ -334,7 +334,7 @@ def iter_samples(captions: Sequence[Caption], seed: int, task_mix: dict[str, flo
 
 
 def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, captions: Sequence[Caption] | None = None,
-                  task_mix: dict[str, float] | None = None) -> Path:
+                  task_mix: dict[str, float] | None = None, single_fraction: float = 0.4) -> Path:
     """Write ``count`` samples as PNG panels plus ``records.json`` in the ``train prepare`` format; return its path.
 
     Each record: ``task``, ``prompt`` (the bare caption; ``prepare`` fills the task template),
@@ -348,7 +348,7 @@ def write_dataset(folder: str | os.PathLike, count: int, seed: int = 0, captions
     if captions is None:
         captions = split_captions()[0]
     records = []
-    for i, sample in zip(range(count), iter_samples(captions, seed, task_mix)):
+    for i, sample in zip(range(count), iter_samples(captions, seed, task_mix, single_fraction)):
         record = {"task": sample.task, "prompt": sample.caption.text(), "caption": sample.caption.text(),
                   "width": sample.width, "height": sample.height}
         if sample.task == "t2i":
