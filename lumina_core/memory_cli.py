@@ -5,8 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from .cli_options import DTYPES, gib_budget, torch_dtype
 from .config import ModelConfig
 from .fileio import load_torch_file
