@@ -200,19 +200,12 @@ def child_env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_lora_sigterm_saves_then_resume_continues_exactly(tiny, tmp_path):
-    import signal
-    import time
+    from lumina_core.testing.processes import sigterm_after_first_log
 
     opts = lora_options(tiny, tmp_path / "killed", steps=400)
-    proc = subprocess.Popen([sys.executable, "-m", "lumina_core.train", *cli_fit_args(opts)], env=child_env(),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "interrupted, checkpoint saved" in output, output[-2000:]
+    returncode, output = sigterm_after_first_log([sys.executable, "-m", "lumina_core.train", *cli_fit_args(opts)],
+                                                 tmp_path / "killed" / "log.jsonl", child_env(), tmp_path)
+    assert returncode == 0 and "interrupted, checkpoint saved" in output, output[-2000:]
     stopped = json.loads((latest_checkpoint(tmp_path / "killed") / "trainer_state.json").read_text())["step"]
     assert 1 <= stopped < 400
     fit(lora_options(tiny, tmp_path / "killed", steps=400, stop_after=2))

@@ -329,21 +329,14 @@ def child_env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_continues_exactly(setup, tmp_path):
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from lumina_core.testing.processes import sigterm_after_first_log
 
     opts = fit_options(setup, tmp_path / "killed", steps=500)
-    proc = subprocess.Popen([sys.executable, "-m", "lumina_core.train", "fit", *cli_args(opts)], env=child_env(),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
+    returncode, output = sigterm_after_first_log([sys.executable, "-m", "lumina_core.train", "fit", *cli_args(opts)],
+                                                 tmp_path / "killed" / "log.jsonl", child_env(), tmp_path)
+    assert returncode == 0, output
     assert "interrupted, checkpoint saved" in output
     ckpt = latest_checkpoint(tmp_path / "killed")
     stopped = json.loads((ckpt / "trainer_state.json").read_text())["step"]
