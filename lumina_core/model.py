@@ -1,6 +1,7 @@
 """The Lumina-mGPT 2.0 decoder (Chameleon-style, official parameter names); its KV cache is in kv_cache.py."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -290,9 +291,9 @@ class LuminaTransformer(nn.Module):
         packs exactly what the checkpoint saves (the layer's inputs; the checkpoint's own hooks take
         over inside the layer), so at most one layer's input is back on the device during backward.
         """
-        if not self.offload_checkpointed_inputs:
-            return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
-        with torch.autograd.graph.save_on_cpu(pin_memory=inputs[0].is_cuda):
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=inputs[0].is_cuda) \
+            if self.offload_checkpointed_inputs else contextlib.nullcontext()
+        with offload:
             return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
 
 

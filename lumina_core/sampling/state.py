@@ -207,8 +207,6 @@ class RowRandom:
 
     def uniform(self, count: int) -> torch.Tensor:
         """[N, count] uniforms in [0, 1), row i from generator i."""
-        if len(self.generators) == 1:
-            return torch.rand(1, count, generator=self.generators[0], device=self.device)
         return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators])
 
 
