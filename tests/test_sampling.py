@@ -93,6 +93,23 @@ def test_image_probs_equal_the_full_vocabulary_chain():
     assert forced[0, NL] == 1 and forced[1, END_ID] == 1
 
 
+def test_image_probs_in_the_callers_buffers_are_bit_identical():
+    """`overwrite` (the decoders' fresh head outputs) reuses cond / uncond as buffers: same bits, and
+    without it the caller's logits are left as they were. Shapes: plain [N, 1, C] and an SJD window
+    [N, W, C] with one guidance value per position; the real code count, so numpy's selection runs."""
+    torch.manual_seed(0)
+    for shape, scale in (((1, 1, 16384), torch.tensor([4.0])), ((2, 16, 16384), torch.rand(2, 16) * 6 + 1),
+                         ((3, 1, 257), 2.5)):
+        cond, uncond = torch.randn(shape) * 3, torch.randn(shape) * 3
+        kept = cond.clone(), uncond.clone()
+        expected = image_probs(cond, uncond, scale, 4096 if shape[-1] > 4096 else 50, 0.9)
+        assert torch.equal(cond, kept[0]) and torch.equal(uncond, kept[1])
+        got = image_probs(cond, uncond, scale, 4096 if shape[-1] > 4096 else 50, 0.9, overwrite=True)
+        assert torch.equal(got, expected)
+        assert torch.equal(image_probs(kept[0].clone(), None, None, 50, 1.0, overwrite=True),
+                           image_probs(kept[0], None, None, 50, 1.0))
+
+
 def test_inverse_cdf_sampling_is_exact():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25]])
     u = torch.linspace(0, 0.999999, 4000)

@@ -62,11 +62,15 @@ def guidance_table(cfg: float, mode: str, rows: int, cols: int, first: int = 0,
     return torch.tensor(out, dtype=torch.float32, device=device)
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Classifier-free guidance on raw logits: scale * (cond - uncond) + uncond (scale broadcast on the last dim)."""
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance on raw logits: scale * (cond - uncond) + uncond (scale broadcast on the last dim).
+
+    One buffer, not three (the same arithmetic); `out` may be `cond` itself (then it is computed in place).
+    """
     if isinstance(scale, torch.Tensor):
         scale = scale.to(cond.dtype)[..., None]
-    return (cond - uncond).mul_(scale).add_(uncond)  # one buffer, not three: the same arithmetic
+    return torch.sub(cond, uncond, out=out).mul_(scale).add_(uncond)
 
 
 def grammar_mask_full(logits: torch.Tensor, kind: torch.Tensor, new_line: int, image_end: int,
@@ -88,13 +92,16 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
 
 
-def top_k_filter(logits: torch.Tensor, k: int, inplace: bool = False) -> torch.Tensor:
+def top_k_filter(logits: torch.Tensor, k: int, inplace: bool = False,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Keep entries >= the k-th largest value of the last dim (ties kept), others -inf (in place if `inplace`).
 
     Only the k-th value matters, and it is the same however it is found, so the kept set and the
     result are too. On CPU (float32, eager) numpy's introselect over the values alone finds it in
     about half the time of torch.topk (which selects (value, index) pairs), and a per-row
     `threshold_` at the float just below it masks in a vectorised pass (a boolean mask took 5x as long).
+    The selection reorders a copy of the values: `scratch` (a contiguous buffer of the same size
+    whose contents are no longer needed) holds it if given, else a new buffer does.
     """
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
@@ -105,10 +112,12 @@ def top_k_filter(logits: torch.Tensor, k: int, inplace: bool = False) -> torch.T
     if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous() \
             and not torch.compiler.is_compiling():
         rows = out.view(-1, n)
-        kth = np.partition(rows.numpy(), n - k, axis=-1)[:, n - k]
-        below_kth = np.nextafter(kth, np.float32(-np.inf))  # x > below_kth  <=>  x >= kth, for float32 x
-        for row, threshold in zip(rows, below_kth.tolist()):
-            F.threshold_(row, threshold, float("-inf"))
+        work = torch.empty_like(rows) if scratch is None else scratch.view(-1, n)
+        values = work.copy_(rows).numpy()
+        values.partition(n - k, axis=-1)
+        below_kth = np.nextafter(values[:, n - k], np.float32(-np.inf))  # x > below_kth <=> x >= kth (float32 x)
+        for i, threshold in enumerate(below_kth.tolist()):
+            F.threshold_(rows[i], threshold, float("-inf"))
         return out
     return out.masked_fill_(out < kth_largest(out, k), float("-inf"))
 
@@ -121,16 +130,23 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def image_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: torch.Tensor | float | None,
-                top_k: int, temperature: float) -> torch.Tensor:
+                top_k: int, temperature: float, overwrite: bool = False) -> torch.Tensor:
     """THE target distribution over image codes at mid-row positions: [..., num_codes] logits -> probabilities.
 
     `cond`/`uncond` are float32 logits of the image-code rows only (the grammar's image-only rule is
-    the restriction itself); `uncond=None` means no CFG (cfg == 1).
+    the restriction itself); `uncond=None` means no CFG (cfg == 1). With `overwrite` (contiguous
+    logits the caller no longer needs, as the decoders' fresh head outputs are) the CFG result is
+    written into `cond` and the top-k selection works in `uncond`: nothing new is written between
+    the image head and the softmax (on CPU, memory first written right after the 16 MB head costs
+    several times what it costs otherwise). The arithmetic is the same either way.
     """
-    logits = cond if uncond is None else cfg_combine(cond, uncond, scale)
-    # The CFG result is ours to overwrite; the caller's conditional logits are not.
-    logits = apply_temperature(top_k_filter(logits, top_k, inplace=uncond is not None), temperature)
-    return torch.softmax(logits, dim=-1)
+    if uncond is None:
+        logits = top_k_filter(cond, top_k, inplace=overwrite)
+    else:
+        # Without `overwrite` the CFG result is still ours to filter in place; the caller's logits are not.
+        logits = cfg_combine(cond, uncond, scale, out=cond if overwrite else None)
+        logits = top_k_filter(logits, top_k, inplace=True, scratch=uncond if overwrite else None)
+    return torch.softmax(apply_temperature(logits, temperature), dim=-1)
 
 
 def full_vocab_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: torch.Tensor | float | None,
@@ -145,7 +161,6 @@ def full_vocab_probs(cond: torch.Tensor, uncond: torch.Tensor | None, scale: tor
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Sample one index per row of probs [..., C] with uniforms u [...] in [0, 1) (inverse CDF)."""
-    cdf = probs.cumsum(-1)
-    target = u.to(cdf.dtype) * cdf[..., -1]
-    idx = torch.searchsorted(cdf.contiguous(), target[..., None].contiguous(), right=True)[..., 0]
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    cdf = probs.cumsum(-1)  # contiguous, and so is the [..., 1] target: searchsorted's preferred layout
+    target = cdf[..., -1:] * u.to(cdf.dtype)[..., None]
+    return torch.searchsorted(cdf, target, right=True)[..., 0].clamp_(max=probs.shape[-1] - 1)

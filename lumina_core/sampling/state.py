@@ -173,11 +173,12 @@ class CFGBatch:
         self.host_pointer = [p - c for p, c in zip(self.host_pointer, host_counts)]
 
     def image_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Float32 logits of the image codes: (cond [N, n, C], uncond [N, n, C] or None)."""
+        """Float32 logits of the image codes: (cond [N, n, C], uncond [N, n, C] or None), fresh contiguous buffers."""
         if self.head_weight is not None:
             logits = F.linear(hidden, self.head_weight).float()
-        else:
-            logits = self.model.lm_head(hidden).float()[..., self.job.code_offset:self.job.code_offset + self.job.num_codes]
+        else:  # the code rows of the full head's output, as one contiguous float32 copy
+            codes = slice(self.job.code_offset, self.job.code_offset + self.job.num_codes)
+            logits = self.model.lm_head(hidden)[..., codes].float().contiguous()
         if self.use_cfg:
             return logits[: self.n], logits[self.n:]
         return logits, None
@@ -188,7 +189,7 @@ class CFGBatch:
         scale = None
         if self.use_cfg:  # one position for every row (plain decoding): a view, no index tensor built per step
             scale = self.guidance_at[body_pos:body_pos + 1] if isinstance(body_pos, int) else self.guidance_at[body_pos]
-        return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature)
+        return image_probs(cond, uncond, scale, self.sampling.top_k, self.sampling.temperature, overwrite=True)
 
     def release(self) -> None:
         """Free the cache tensors (and any CUDA graphs that read them)."""
