@@ -298,6 +298,25 @@ def _decode_options(device: str) -> tuple[str, ...]:
     return ("fp32", "bf16") if torch.device(device).type == "cuda" else ("fp32",)
 
 
+def _settings(num_images: int, kv_cache: str, decodes: tuple[str, ...]):
+    """(images per sub-batch, kv_cache, decode dtype) in the order a plan prefers them: the most images at a
+    time, then the KV options of `kv_cache` (unquantized first), then the decode dtypes (float32 first)."""
+    for per_batch in range(num_images, 0, -1):
+        for kv in _kv_options(kv_cache):
+            for dec in decodes:
+                yield per_batch, kv, dec
+
+
+def _first_fit(estimates, free_bytes: int) -> tuple[Optional[MemoryEstimate], MemoryEstimate]:
+    """The first of `estimates` within `free_bytes` (None when none is) and the first made (a refusal quotes it)."""
+    first = None
+    for guess in estimates:
+        first = first or guess
+        if guess.peak_bytes <= free_bytes:
+            return guess, first
+    return None, first
+
+
 def plan(free_bytes: int, config: ModelConfig, request: Request, sampling: SamplingConfig,
          quant: Optional[str] = None, kv_cache: str = "auto", **kwargs) -> MemoryEstimate:
     """The settings that fit `free_bytes`: the most images per sub-batch, unquantized KV before fp8 at equal count,
@@ -306,17 +325,13 @@ def plan(free_bytes: int, config: ModelConfig, request: Request, sampling: Sampl
     Raises MemoryPlanError naming the need, the free memory and the options that would fit (fp8 KV,
     fewer images at a time, another quantization), or the smallest run that fits at all.
     """
-    first = None
     decodes = (kwargs.pop("decode_dtype"),) if "decode_dtype" in kwargs else _decode_options(kwargs.get("device", "cuda"))
-    for per_batch in range(sampling.num_images, 0, -1):
-        for kv in _kv_options(kv_cache):
-            for dec in decodes:
-                guess = estimate(config, request, sampling, quant=quant, kv_cache=kv, images_per_batch=per_batch,
-                                 decode_dtype=dec, **kwargs)
-                first = first or guess
-                if guess.peak_bytes <= free_bytes:
-                    return guess
-    raise MemoryPlanError(_refusal(free_bytes, config, request, sampling, quant, kv_cache, first, kwargs))
+    fit, first = _first_fit((estimate(config, request, sampling, quant=quant, kv_cache=kv, images_per_batch=per_batch,
+                                      decode_dtype=dec, **kwargs)
+                             for per_batch, kv, dec in _settings(sampling.num_images, kv_cache, decodes)), free_bytes)
+    if fit is None:
+        raise MemoryPlanError(_refusal(free_bytes, config, request, sampling, quant, kv_cache, first, kwargs))
+    return fit
 
 
 def choose_quant(free_bytes: Optional[int], config: ModelConfig, dtype: torch.dtype = torch.bfloat16,
@@ -349,16 +364,14 @@ def _refusal(free_bytes: int, config: ModelConfig, request: Request, sampling: S
     options = []
     decodes = _decode_options(kwargs.get("device", "cuda"))
     for other in (quant, *[q for q in (None, "int8", "int4") if q != quant]):
-        for per_batch in range(sampling.num_images, 0, -1):
-            fit = next((e for kv in _kv_options("auto") for dec in decodes
-                        for e in [estimate(config, request, sampling, quant=other, kv_cache=kv,
-                                           images_per_batch=per_batch, decode_dtype=dec, **kwargs)]
-                        if e.peak_bytes <= free_bytes), None)
-            if fit is not None:
-                at_a_time = f", {per_batch} image(s) at a time" if per_batch < sampling.num_images else ""
-                options.append(f"quantization {other or 'none'}, kv_cache {fit.kv_cache}{at_a_time} "
-                               f"({_gib(fit.peak_bytes)})")
-                break
+        fit, _ = _first_fit((estimate(config, request, sampling, quant=other, kv_cache=kv, images_per_batch=per_batch,
+                                      decode_dtype=dec, **kwargs)
+                             for per_batch, kv, dec in _settings(sampling.num_images, "auto", decodes)), free_bytes)
+        if fit is not None:
+            per_batch = fit.images_per_batch
+            at_a_time = f", {per_batch} image(s) at a time" if per_batch < sampling.num_images else ""
+            options.append(f"quantization {other or 'none'}, kv_cache {fit.kv_cache}{at_a_time} "
+                           f"({_gib(fit.peak_bytes)})")
     if options:
         return f"{head}; fits: " + "; or ".join(options)
     one = dataclasses.replace(sampling, num_images=1)
@@ -374,15 +387,11 @@ def _refusal(free_bytes: int, config: ModelConfig, request: Request, sampling: S
 
 def plan_for_pipeline(pipe, request: Request, sampling: SamplingConfig, free_bytes: int) -> MemoryEstimate:
     """`plan` for a loaded pipeline (its quantization is fixed; KV storage and images at a time are chosen)."""
-    first = None
-    for per_batch in range(sampling.num_images, 0, -1):
-        for kv in _kv_options(sampling.kv_cache):
-            for dec in _decode_options(pipe.device.type):
-                guess = estimate_for_pipeline(pipe, request, sampling, kv_cache=kv, images_per_batch=per_batch,
-                                              decode_dtype=dec)
-                first = first or guess
-                if guess.peak_bytes <= free_bytes:
-                    return guess
+    settings = _settings(sampling.num_images, sampling.kv_cache, _decode_options(pipe.device.type))
+    fit, first = _first_fit((estimate_for_pipeline(pipe, request, sampling, kv_cache=kv, images_per_batch=per_batch,
+                                                   decode_dtype=dec) for per_batch, kv, dec in settings), free_bytes)
+    if fit is not None:
+        return fit
     kwargs = {"dtype": pipe.dtype, "device": pipe.device.type, "num_image_codes": pipe.layout.num_image_codes,
               "movq_config": pipe.movqgan.config if pipe.movqgan is not None else None}
     raise MemoryPlanError(_refusal(free_bytes, pipe.config, request, sampling, pipe.quant, sampling.kv_cache, first,
