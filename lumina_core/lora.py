@@ -32,8 +32,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # The official names of the attention and MLP projections inside each decoder layer.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Adapters shipped with the pack (the demo's "bar" lesson from bench/lora_demo.py, once a 10-minute run
-# reaches its bar; none ships yet); the LoRA node lists them after models/loras.
+# Adapters shipped with the pack (demo_bar: the demo's "bar" lesson from bench/lora_demo.py); the LoRA
+# node lists them after models/loras, and `--lora demo_bar` takes one by name.
 BUILTIN_LORA_DIR = Path(__file__).resolve().parent / "assets" / "demo_loras"
 # Strength slider / --lora PATH:STRENGTH bounds (ComfyUI's own LoRA loader allows a wide range too).
 STRENGTH_RANGE = (-10.0, 10.0)

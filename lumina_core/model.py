@@ -283,7 +283,6 @@ class LuminaTransformer(nn.Module):
             cache.lengths.add_(n)  # in place, so the step can be captured in a CUDA graph
         return self.model.norm(x)
 
-
     def _checkpointed(self, layer: nn.Module, *inputs) -> torch.Tensor:
         """One layer under activation checkpointing: only its inputs are saved, the rest is recomputed in backward.
 

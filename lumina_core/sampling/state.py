@@ -9,9 +9,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..model import LuminaTransformer
-
 from ..kv_cache import KVCache, kv_storage_dtype
+from ..model import LuminaTransformer
 from ..request import cfg_rows
 from . import GenerationCancelled, SamplingConfig
 from .logits import END, NEW_LINE, body_length, guidance_table, image_probs, position_kind
