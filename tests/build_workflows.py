@@ -238,16 +238,10 @@ def build(info: dict, task: str, title: str, settings: list[str], prompt: str, d
     return g
 
 
-# The LoRA workflow on the demo: the adapter bench/lora_demo.py trains (rank 8, 10 CPU minutes), shipped
-# in lumina_core/assets/demo_loras/ when it learnt its lesson (the node lists that folder last).
+# The LoRA workflow on the demo uses the adapter the pack ships (lumina_core/assets/demo_loras/, which the
+# node lists after models/loras): bench/lora_demo.py trained it (rank 8, 1,500 steps, 8.4 CPU minutes).
 DEMO_LORA_FOLDER = "demo_bar"
-DEMO_LORA_SHIPPED = (REPO / "lumina_core" / "assets" / "demo_loras" / DEMO_LORA_FOLDER /
-                     "adapter_model.safetensors").is_file()
-NO_LORA = "(no LoRA files found)"   # the node's list when no adapter is installed (nodes/lora.py)
-DEMO_LORA = f"{DEMO_LORA_FOLDER}/adapter_model.safetensors" if DEMO_LORA_SHIPPED else NO_LORA
-MAKE_DEMO_LORA = ("python bench/lora_demo.py --out /tmp/lora_demo (about 15 CPU minutes: 10 of training, then "
-                  "the scores), then copy the folder /tmp/lora_demo/adapter (adapter_model.safetensors + "
-                  "adapter_config.json) to ComfyUI/models/loras/lora_demo/ and pick lora_demo/adapter_model.safetensors")
+DEMO_LORA = f"{DEMO_LORA_FOLDER}/adapter_model.safetensors"
 LORA_DEMO_NOTE = (
     f"switch the Loader to demo and queue as it is: the LoRA node is set to {DEMO_LORA}, the adapter shipped "
     f"with the pack (lumina_core/assets/demo_loras/{DEMO_LORA_FOLDER}/, nothing to copy; listed after the files "
@@ -255,15 +249,12 @@ LORA_DEMO_NOTE = (
     "shape it never saw, a bar (a flat rectangle): the prompt asks for one; compare strength 1 with 0 (no bar), "
     "or try another colour and position. Your own "
     "adapter file goes in ComfyUI/models/loras (or models/lumina_mgpt2/loras); on the 7B pick one trained for "
-    f"the 7B (the demo's adapter is refused there: another base)." if DEMO_LORA_SHIPPED else
-    "the pack ships no demo adapter (the 10-minute CPU run of bench/lora_demo.py did not reach its bar). Make "
-    f"one: {MAKE_DEMO_LORA} in the LoRA node, switch the Loader to demo and queue. Your own adapter file goes "
-    "in ComfyUI/models/loras (or models/lumina_mgpt2/loras), adapter_model.safetensors alone or in its folder.")
+    "the 7B (the demo's adapter is refused there: another base).")
 
 # Prompts the demo draws right most of the time (and the 7B draws too).
 DEMO_T2I_PROMPT = "a blue square in the bottom right"
 # The shipped demo adapter's lesson: drawn as a bar in 8 of 8 checked images with it (strength 1), in none without.
-DEMO_LORA_PROMPT = "a blue bar in the bottom left" if DEMO_LORA_SHIPPED else DEMO_T2I_PROMPT
+DEMO_LORA_PROMPT = "a blue bar in the bottom left"
 DEMO_PANEL_PROMPT = "a green circle in the top left"
 
 

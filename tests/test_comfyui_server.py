@@ -137,14 +137,12 @@ def server(tmp_path_factory):
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.symlink(REPO, base / "custom_nodes" / "lumina_mgpt2")
     write_tiny_checkpoint(base / "models" / "lumina_mgpt2" / "Lumina-mGPT-2.0", words=DEMO_CAPTION)
-    # Adapters in ComfyUI's own models/loras for the LoRA workflow: one for the tiny stand-in of the 7B,
-    # and (when the pack ships none for the demo) a faint random one for the demo.
+    # An adapter in ComfyUI's own models/loras for the LoRA workflow on the tiny stand-in of the 7B (on the
+    # demo it runs with the adapter the pack ships).
     from lumina_core.testing.adapters import write_random_adapter
 
     write_random_adapter(base / "models" / "loras" / TINY_LORA.split("/")[0],
                          base / "models" / "lumina_mgpt2" / "Lumina-mGPT-2.0", std=0.05)
-    if (DEMO_MODEL / "config.json").is_file():
-        write_random_adapter(base / "models" / "loras" / RANDOM_DEMO_LORA.split("/")[0], DEMO_MODEL, std=0.01)
     shutil.copy(Path(COMFYUI) / "input" / "example.png", base / "input" / "example.png")
     srv = Server(base)
     yield srv
@@ -152,7 +150,6 @@ def server(tmp_path_factory):
 
 
 TINY_LORA = "tiny_lumina/adapter_model.safetensors"            # written by the server fixture
-RANDOM_DEMO_LORA = "demo_random/adapter_model.safetensors"
 
 
 def shrink(prompt: dict) -> dict:
@@ -310,14 +307,10 @@ needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reas
 def on_demo(name: str) -> dict:
     """A shipped workflow's API twin with the Loader on demo; nothing else changes but the offline stand-ins."""
     prompt = json.loads((API_DIR / name).read_text())
-    from lumina_core.lora import BUILTIN_LORA_DIR
-
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "LuminaMGPT2Loader":
             inputs["model"] = "demo"
-        if node["class_type"] == "LuminaMGPT2LoRA" and not (BUILTIN_LORA_DIR / inputs["lora_name"]).is_file():
-            inputs["lora_name"] = RANDOM_DEMO_LORA  # the pack ships no demo adapter: a faint random one
         if node["class_type"] == "LuminaMGPT2ThinkPrompt":
             inputs["endpoint"] = f"http://127.0.0.1:{clients.free_port()}/v1"  # nothing listens: falls back
         if node["class_type"] == "LuminaMGPT2VerifierBestOfN":
