@@ -314,6 +314,9 @@ def main() -> None:
     p.add_argument("--parts", default="passes,steps,demo,memory")
     p.add_argument("--threads", type=int, default=1)  # >1 thread on a busy shared CPU distorts timings badly
     args = p.parse_args()
+    for name in ("reps", "demo_reps", "threads", "images"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     if "passes" in parts:
